@@ -1,0 +1,7 @@
+"""Model layer: U-ViT and DiT with official parameter names, named presets, checkpoint loading."""
+from .checkpoint import load_checkpoint, save_safetensors
+from .configs import PRESETS, create_model, list_presets
+from .dit import DiT
+from .uvit import UViT
+
+__all__ = ["UViT", "DiT", "create_model", "load_checkpoint", "save_safetensors", "PRESETS", "list_presets"]

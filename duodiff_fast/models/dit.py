@@ -1,0 +1,257 @@
+"""DiT: class-conditional diffusion transformer with adaLN-Zero blocks (Peebles & Xie, ICCV 2023).
+
+Same constructor keywords, parameter names and outputs as the official `models.py`, so released
+checkpoints (DiT-XL-2-256x256.pt, ...) load with `strict=True`. Each block is modulated by
+c = t_emb + y_emb through a per-block Linear(C -> 6C): shift/scale/gate for attention and MLP.
+
+Two paths through every block:
+- gradients enabled: plain torch (SDPA in the input dtype, F.layer_norm), for training;
+- no_grad / inference_mode: `duodiff_fast.ops`: packed-qkv attention, `adaln` and `gated_adaln`
+  (gated residual add fused with the next modulated LayerNorm, across block boundaries too).
+"""
+import torch
+import torch.nn as nn
+
+from duodiff_fast import ops
+
+from .uvit import (TIME_CONVENTIONS, Mlp, PatchEmbed, as_batch_timesteps, fast_path, resolve_null_class,
+                   sdpa_packed, timestep_embedding, unpatchify)
+
+LN_EPS = 1e-6
+
+
+def modulate(x, shift, scale):
+    """x (B, L, C) * (1 + scale (B, C)) + shift (B, C), broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def get_2d_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE style): (grid*grid, dim), float64.
+    First half of the channels encodes the row, second half the column; each half is [sin, cos]."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs hidden_size divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows = coords.repeat_interleave(grid)  # token index = row * grid + col
+    cols = coords.repeat(grid)
+
+    def emb1d(pos):  # (M,) -> (M, dim/2)
+        out = pos[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([emb1d(rows), emb1d(cols)], dim=1)
+
+
+#################################################################################
+#               Embedding layers for timesteps and class labels                 #
+#################################################################################
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> (N, hidden) through a 256-d sinusoidal embedding and a SiLU MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    def forward(self, t):
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)  # (N, 256) float32
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, hidden)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (N, hidden). With dropout_prob > 0 there is one extra row (index num_classes),
+    the null label that classifier-free guidance uses; in training labels are dropped to it."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, self.num_classes, labels)
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+#################################################################################
+#                                  DiT blocks                                   #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head self-attention from one packed qkv Linear (timm's parameter names, qkv bias)."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, D), no copy
+        o = ops.attention(qkv, self.scale) if fast_path() else sdpa_packed(qkv, self.scale)  # (B, L, C)
+        return self.proj(o)
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LN_EPS)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LN_EPS)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio),
+                       act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        """Torch path. x (B, L, C), c (B, C)."""
+        mod = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, C)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+    def forward_fused(self, x, h, mod, next_shift, next_scale):
+        """Inference path. h = adaln(x) with this block's (shift_msa, scale_msa), produced by whoever
+        ran before; mod = this block's six (B, C) chunks. Returns (x_out, adaln(x_out, next_shift,
+        next_scale)) so that the next consumer gets its normalised input from the same pass."""
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x, h = ops.gated_adaln(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, LN_EPS)
+        return ops.gated_adaln(x, self.mlp(h), gate_mlp, next_shift, next_scale, LN_EPS)
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm -> Linear to p*p*out_channels per token."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LN_EPS)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, L, p*p*C_out)
+
+
+#################################################################################
+#                                      DiT                                      #
+#################################################################################
+
+class DiT(nn.Module):
+    """DiT denoiser: forward(x (B, C, H, W), t (B,), y (B,)) -> (B, out_channels, H, W).
+
+    Extra keywords beyond the official ones: `time_convention` (how the sampler scales t; DiT was
+    trained with integer t in [0, 999]: 'int') and `null_class` ('auto' = num_classes when the null
+    embedding exists, i.e. class_dropout_prob > 0, else None).
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, *,
+                 time_convention="int", null_class="auto"):
+        super().__init__()
+        if time_convention not in TIME_CONVENTIONS:
+            raise ValueError(f"time_convention must be one of {TIME_CONVENTIONS}, got {time_convention!r}")
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.img_size = self.input_size = input_size
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.null_class = resolve_null_class(
+            null_class, num_classes, num_classes if class_dropout_prob > 0 else None)
+        self.time_convention = time_convention
+        self.depth_blocks = depth
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.num_patches = (input_size // patch_size) ** 2
+        # Fixed sin-cos embedding, stored in the state_dict as upstream does (never trained).
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """Official init: xavier Linear/patch conv, N(0, .02) label table and t-MLP, adaLN-Zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        grid = int(self.num_patches ** 0.5)
+        self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, grid).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a Linear over flattened patches
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for lin in [blk.adaLN_modulation[-1] for blk in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                        self.final_layer.linear]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def unpatchify(self, x):
+        """(B, L, p*p*C_out) -> (B, C_out, H, W)."""
+        return unpatchify(x, self.out_channels)
+
+    def forward(self, x, t, y):
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            raise ValueError(f"DiT built for {self.input_size}x{self.input_size} inputs, "
+                             f"got {tuple(x.shape)}")
+        x = self.x_embedder(x) + self.pos_embed  # (B, L, C)
+        t = as_batch_timesteps(t, x.shape[0], x.device)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, C)
+        if fast_path():
+            h = self._blocks_fused(x, c)
+            return self.unpatchify(self.final_layer.linear(h))
+        for block in self.blocks:
+            x = block(x, c)  # (B, L, C)
+        return self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
+
+    def _blocks_fused(self, x, c):
+        # c is the same for every block, so all modulations are known up front: each block's last
+        # gated residual is fused with the next block's (or the final layer's) modulated LayerNorm.
+        mods = [blk.adaLN_modulation(c).chunk(6, dim=1) for blk in self.blocks]  # depth x 6 x (B, C)
+        f_shift, f_scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
+        norm_in = [(m[0], m[1]) for m in mods[1:]] + [(f_shift, f_scale)]
+        shift, scale = (mods[0][0], mods[0][1]) if mods else (f_shift, f_scale)
+        h = ops.adaln(x, shift, scale, LN_EPS)  # (B, L, C)
+        for blk, mod, (nshift, nscale) in zip(self.blocks, mods, norm_in):
+            x, h = blk.forward_fused(x, h, mod, nshift, nscale)
+        return h  # modulate(norm_final(x), f_shift, f_scale)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        """Classifier-free guidance in one batch, as upstream: the first half of x is duplicated, y holds
+        [labels, null labels]; guidance is applied to the first 3 channels only (upstream's choice for
+        exact reproducibility of its results), the rest (learned sigma) comes from the model as is."""
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        eps, rest = model_out[:, :3], model_out[:, 3:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
