@@ -16,17 +16,28 @@ PACKAGES = [
     "duodiff_fast.kernels",
 ]
 PACKAGE_DIR = {"duodiff_fast.kernels": "kernels"}
+# Shipped weights (proxy-FID classifier, demo pair): small safetensors files, read offline.
+PACKAGE_DATA = {"duodiff_fast": ["assets/*.safetensors", "assets/*.json"]}
 
 
-def _flag(name):
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def cuda_build_plan():
+def _flag(env, name):
+    return env.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def cuda_sources():
+    csrc = os.path.join(HERE, "csrc")
+    return sorted(glob.glob(os.path.join(csrc, "*.cu"))) + sorted(glob.glob(os.path.join(csrc, "*.cpp")))
+
+
+def cuda_build_plan(env=None, sources=None):
     """Return (build, reason). Imports torch only when it is already importable (never installs it)."""
-    if _flag("DUODIFF_SKIP_CUDA_BUILD"):
+    env = os.environ if env is None else env
+    if _flag(env, "DUODIFF_SKIP_CUDA_BUILD"):
         return False, "DUODIFF_SKIP_CUDA_BUILD is set"
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources = cuda_sources() if sources is None else sources
     if not sources:
         return False, "no sources in csrc/"
     try:
@@ -38,7 +49,7 @@ def cuda_build_plan():
         return False, f"torch {torch.__version__} is a CPU build"
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         return False, "nvcc not found"
-    if not torch.cuda.is_available() and not _flag("DUODIFF_FORCE_CUDA_BUILD"):
+    if not torch.cuda.is_available() and not _flag(env, "DUODIFF_FORCE_CUDA_BUILD"):
         return False, "no visible GPU (set DUODIFF_FORCE_CUDA_BUILD=1 to build anyway)"
     return True, "CUDA torch and nvcc found"
 
@@ -54,7 +65,7 @@ def ext_modules_and_cmdclass():
     gencode = []
     for arch in filter(None, (a.strip() for a in archs.split(";"))):
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
+    sources = [os.path.relpath(p, HERE) for p in cuda_sources()]
     ext = CUDAExtension(
         name="duodiff_fast._C",
         sources=sources,
@@ -67,5 +78,6 @@ def ext_modules_and_cmdclass():
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = ext_modules_and_cmdclass()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for cuda_build_plan
+    ext_modules, cmdclass = ext_modules_and_cmdclass()
+    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, ext_modules=ext_modules, cmdclass=cmdclass)
