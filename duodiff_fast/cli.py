@@ -1,0 +1,188 @@
+"""`duodiff-fast` command line: info, sample (and, as they land, train / eval / demo)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+# -----------------------------------------------------------------------------
+# helpers shared by subcommands
+# -----------------------------------------------------------------------------
+
+def parse_switch(text: str):
+    """'0.3' -> fraction of steps; 't=600' or an integer > 1 -> absolute timestep."""
+    from .sampling import AtTimestep
+    text = text.strip()
+    if text.startswith("t="):
+        return AtTimestep(float(text[2:]))
+    value = float(text)
+    if value > 1:
+        if value != int(value):
+            raise argparse.ArgumentTypeError(f"switch {text!r}: a fraction must lie in [0, 1]; "
+                                             "an absolute timestep is written t=600")
+        return AtTimestep(int(value))
+    return value
+
+
+def build_model(spec: str, ckpt: str | None, device, dtype):
+    """A preset name (random weights unless `ckpt`) or a checkpoint with a preset: 'preset' + path."""
+    import torch
+
+    from .models import create_model, load_checkpoint
+    if ckpt:
+        model = load_checkpoint(ckpt, spec)
+    else:
+        model = create_model(spec)
+    return model.to(device=device, dtype=getattr(torch, DTYPES[dtype])).eval()
+
+
+def _add_sampling_args(p):
+    p.add_argument("--deep", required=True, help="preset name of the deep model (see `duodiff-fast info --presets`)")
+    p.add_argument("--shallow", default=None, help="preset of the shallow model (default: <deep>_shallow)")
+    p.add_argument("--deep-ckpt", default=None, help=".pt/.pth/.safetensors for the deep model (default: random weights)")
+    p.add_argument("--shallow-ckpt", default=None, help="checkpoint for the shallow model")
+    p.add_argument("--switch", type=parse_switch, default=0.3,
+                   help="fraction of steps on the shallow model (0 = deep only), or t=600 for a timestep")
+    p.add_argument("--solver", default="ddim", choices=["ddim", "ddpm", "dpmsolver++"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+
+
+# -----------------------------------------------------------------------------
+# sample
+# -----------------------------------------------------------------------------
+
+def cmd_sample(args):
+    """Sample `--n` images, sharded over processes under torchrun (each rank writes shard_XXX.npz with
+    the global indices; rank 0 merges them into samples.npz after a barrier). Sample i depends only on
+    (--seed, --batch-size, i), so any number of processes writes the same samples.npz."""
+    import numpy as np
+    import torch
+
+    from .data import save_grid
+    from .distributed import (all_reduce_max, barrier, distributed_session, merge_shards, remove_shards,
+                              sample_sharded)
+    from .models.configs import SHALLOW_DEPTH, get_preset
+    from .sampling import DuoSampler
+
+    def spec_of(text):  # a preset name or a JSON spec file (what `duodiff-fast train` writes as model.json)
+        if text.endswith(".json") or os.path.isfile(text):
+            with open(text) as f:
+                return get_preset(json.load(f))
+        return get_preset(text)
+
+    with distributed_session(args.device) as (rank, world, device):
+        deep_spec = spec_of(args.deep)
+        if args.shallow:
+            shallow_spec, shallow_name = spec_of(args.shallow), args.shallow
+        elif args.deep.endswith(".json") or os.path.isfile(args.deep):
+            shallow_spec = dict(deep_spec, kwargs=dict(deep_spec["kwargs"], depth=SHALLOW_DEPTH))
+            shallow_spec.pop("preset", None)
+            shallow_name = f"{args.deep} (depth {SHALLOW_DEPTH})"
+        else:
+            shallow_name = f"{args.deep}_shallow"
+            shallow_spec = get_preset(shallow_name)
+        if (args.deep_ckpt is None or args.shallow_ckpt is None) and rank == 0:
+            warnings.warn("sampling with random weights for a model without --*-ckpt: the images are noise "
+                          "(useful for timing only)", stacklevel=1)
+        torch.manual_seed(args.seed)  # random-weight models must be identical on every rank
+        deep = build_model(deep_spec, args.deep_ckpt, device, args.dtype)
+        shallow = build_model(shallow_spec, args.shallow_ckpt, device, args.dtype)
+        schedule = getattr(deep, "schedule_spec", None) or deep_spec["schedule"]
+        sampler = DuoSampler(shallow, deep, schedule=schedule, solver=args.solver, steps=args.steps,
+                             switch=args.switch, cfg_scale=args.cfg, eta=args.eta)
+        latent = bool(deep_spec.get("latent", sampler.in_channels not in (1, 3)))
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            remove_shards(args.out)  # shards of an earlier run (maybe with more ranks) would not merge
+        barrier()
+        res = sample_sharded(sampler, args.n, args.batch_size, args.seed, args.out, rank, world,
+                             progress=True, latent=latent)
+        seconds = all_reduce_max(res["seconds"], device)  # the slowest rank sets the wall-clock
+        barrier()
+        if rank != 0:
+            return 0
+        npz = merge_shards(args.out)
+        meta = dict(deep=args.deep, shallow=shallow_name, switch=str(args.switch), shallow_steps=sampler.k,
+                    steps=args.steps, solver=args.solver, n=args.n, batch_size=args.batch_size,
+                    seed=args.seed, cfg=args.cfg, seconds=seconds,
+                    images_per_s=args.n / seconds if seconds else None,
+                    device=str(device), world_size=world)
+        with open(os.path.join(args.out, "samples.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        rate = f"{args.n / seconds:.2f} images/s" if seconds else "n/a images/s"
+        print(f"wrote {npz} ({args.n} samples, {sampler.k}/{args.steps} steps on the shallow model, "
+              f"{rate} on {world} x {device.type})")
+        if not latent:
+            with np.load(npz) as z:
+                u8 = z["arr_0"][:64]
+            grid = os.path.join(args.out, "grid.png")
+            save_grid(torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0, grid)
+            print(f"wrote {grid}")
+        else:
+            print("latent model: samples saved as latents (decode them with your VAE); no PNG grid")
+        return 0
+
+
+# -----------------------------------------------------------------------------
+# info
+# -----------------------------------------------------------------------------
+
+def cmd_info(args):
+    if args.presets:
+        from .models import PRESETS
+        for name, p in PRESETS.items():
+            print(f"{name:32s} {p['family']:5s} time={p['time_convention']:9s} "
+                  f"schedule={p['schedule']['name']:14s} {p.get('description', '')}")
+        return 0
+    from .info import main as info_main
+    return info_main([])
+
+
+# -----------------------------------------------------------------------------
+# entry point
+# -----------------------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="duodiff-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions, devices and the backend each op would use")
+    p.add_argument("--presets", action="store_true", help="list the model presets instead")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("sample", help="sample with DuoSampler; writes samples.npz and grid.png")
+    _add_sampling_args(p)
+    # --num-samples: under torchrun, `--n` is taken as an ambiguous prefix of torchrun's own flags
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=16, help="number of samples")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/samples")
+    p.set_defaults(func=cmd_sample)
+
+    for mod in ("train", "eval", "demo"):
+        try:
+            module = __import__(f"duodiff_fast.{mod}", fromlist=["add_cli"])
+        except ImportError as e:  # a subcommand whose module has not landed is simply absent
+            if e.name != f"duodiff_fast.{mod}":
+                raise
+            continue
+        module.add_cli(sub)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

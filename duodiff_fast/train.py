@@ -1,0 +1,725 @@
+"""Train a deep or a shallow denoiser with the DuoDiff recipe (eps-prediction), on one or many processes.
+
+Recipe (DESIGN.md §2): AdamW (lr 2e-4, wd 0.03 on every parameter as upstream U-ViT, betas 0.99/0.999),
+linear warm-up then cosine decay, grad-norm clip 1.0, bf16 autocast on CUDA (fp32 on CPU), linear beta
+schedule 1e-4..0.02 with T=1000, MSE on eps. The network sees t in its own time convention (DuoDiff
+feeds t/1000: 'frac1000'). Class-conditional models whose label table has a null class get their labels
+dropped to it with probability `label_dropout`, so classifier-free guidance works. EMA weights are kept
+beside the raw ones and are what gets exported and sampled.
+
+Schedule choice: `TrainConfig.schedule=None` keeps the model spec's schedule when it is discrete (DiT:
+linear, U-ViT-H: scaled-linear) and uses the DuoDiff linear schedule for the continuous VP-SDE presets
+(official U-ViT pixel models), switching their time convention from 'cont999' to 'frac1000'. The
+effective spec is written to `<out>/model.json` and into every export, so what was trained is what
+gets sampled: `duodiff-fast sample --deep <out>/model.json --deep-ckpt <out>/ema.safetensors`.
+
+Exact resume: all randomness of step `s` (timesteps, noise, label dropout) comes from a generator
+seeded by (seed, rank, s), and the data order of step `s` is a pure function of (seed, s), so a run
+resumed from a checkpoint continues exactly where it stopped (bitwise on CPU). Global RNG states
+(python, numpy, torch, CUDA) of every rank are saved too, for code that uses them (DiT's built-in label
+dropout). Resume needs the same `steps` (the cosine schedule spans them) and `batch_size`.
+
+Multi-process: under `torchrun --nproc_per_node N` the same `train` runs with DDP (NCCL on CUDA, gloo on
+CPU); `batch_size` is the global batch, split evenly over ranks; only rank 0 writes files.
+
+Outputs in `out`: `checkpoints/step_XXXXXXX.pt` (model, EMA, optimizer, scheduler, step, RNG states,
+config), `ema.safetensors` (EMA weights + metadata: spec JSON, preset, step), `model.json`,
+`config.json`, `log.jsonl` (step, loss, lr, grad_norm, images/s), `samples/step_XXXXXXX.png` grids.
+
+`--init-from-deep` (shallow companions): see `init_from_deep` for the block mapping.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed as ddist
+
+__all__ = ["TrainConfig", "train", "add_cli", "init_from_deep", "block_mapping", "EMA", "WarmupCosine",
+           "resolve_spec", "latest_checkpoint"]
+
+CKPT_DIR = "checkpoints"
+CKPT_FORMAT = "step_{step:07d}.pt"
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+# -----------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; defaults are the DuoDiff recipe."""
+    model: str | dict = "uvit_cifar10_small"  # preset name, path to a JSON spec, or a spec dict
+    data: str = "shapes"                      # dataset spec for duodiff_fast.data.get_dataset
+    data_kwargs: dict = field(default_factory=dict)  # extra keywords for get_dataset (e.g. {'n': 1000})
+    out: str = "runs/train"
+    steps: int = 500_000                      # total optimizer steps (the cosine decay spans them)
+    batch_size: int = 128                     # global batch (split over ranks)
+    lr: float = 2e-4
+    min_lr: float = 0.0                       # end of the cosine decay
+    warmup_steps: int | None = None           # None: min(5000, steps // 10)
+    weight_decay: float = 0.03
+    betas: tuple = (0.99, 0.999)
+    grad_clip: float = 1.0                    # max grad norm (0 = off)
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True                   # decay_s = min(ema_decay, (1 + s) / (10 + s))
+    label_dropout: float = 0.1                # probability of the null label (CFG); needs a null class
+    schedule: str | dict | None = None        # None: the spec's discrete schedule, else DuoDiff 'linear'
+    time_convention: str | None = None        # None: the model's, when it fits the schedule
+    precision: str = "auto"                   # 'auto' (bf16 autocast on CUDA, fp32 on CPU) | 'bf16' | 'fp32'
+    seed: int = 0
+    resume: str | None = None                 # 'latest' (newest in out/checkpoints, if any) or a path
+    init_from_deep: str | None = None         # checkpoint of a trained deep model (shallow companions)
+    stop_at: int | None = None                # stop after this step (as if preempted); the LR schedule
+                                              # still spans `steps`
+    ckpt_every: int = 5000                    # 0: only at the end of the run
+    keep_checkpoints: int = 2                 # newest ones kept (0: all)
+    sample_every: int = 5000                  # grid of EMA samples (0: never)
+    sample_n: int = 16
+    sample_steps: int = 50                    # DDIM steps for the grids
+    log_every: int = 50
+    num_workers: int = 0                      # DataLoader workers
+    device: str | None = None                 # default: cuda:LOCAL_RANK when available, else cpu
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+# -----------------------------------------------------------------------------
+# Model spec, schedule, learning rate, EMA
+# -----------------------------------------------------------------------------
+
+def resolve_spec(model) -> dict:
+    """A preset name, a path to a JSON spec, or a spec dict -> a checked spec dict (a copy). Preset
+    names are remembered under 'preset'."""
+    from .models.configs import get_preset
+    if isinstance(model, dict):
+        return get_preset(model)
+    if isinstance(model, str) and (model.endswith(".json") or os.path.isfile(model)):
+        with open(model) as f:
+            return get_preset(json.load(f))
+    spec = get_preset(model)
+    spec["preset"] = model
+    return spec
+
+
+def _schedule_dict(s) -> dict:
+    return dict(s) if isinstance(s, dict) else {"name": str(s)}
+
+
+def _effective_spec(cfg: TrainConfig, spec: dict) -> tuple[dict, object]:
+    """Pick the training schedule and time convention (module docstring) and record them in the spec."""
+    from .sampling import get_schedule
+    if cfg.schedule is not None:
+        sched = _schedule_dict(cfg.schedule)
+    else:
+        own = _schedule_dict(spec.get("schedule", {"name": "linear"}))
+        sched = own if own.get("name") != "vpsde" else {"name": "linear"}
+    schedule = get_schedule(sched)
+    allowed = ("int", "frac1000") if schedule.kind == "discrete" else ("cont999",)
+    conv = cfg.time_convention or spec.get("time_convention")
+    if conv not in allowed:
+        if cfg.time_convention is not None:
+            raise ValueError(f"time_convention {cfg.time_convention!r} does not fit the {schedule.kind} "
+                             f"schedule {schedule.name!r}; use one of {allowed}")
+        conv = "frac1000" if schedule.kind == "discrete" else "cont999"
+    spec = dict(spec, schedule=sched, time_convention=conv)
+    return spec, schedule
+
+
+class WarmupCosine:
+    """LR factor: linear warm-up over `warmup` steps, then cosine from 1 to `min_ratio` at `total`."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float = 0.0):
+        self.warmup, self.total, self.min_ratio = int(warmup), int(total), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied).
+
+    With `warmup`, update `s` (1-based) uses min(decay, (1 + s) / (10 + s)), so early averages are not
+    dominated by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup, self.num_updates = float(decay), bool(warmup), 0
+
+    def current_decay(self) -> float:
+        """The decay the next `update` uses."""
+        s = self.num_updates + 1
+        return min(self.decay, (1 + s) / (10 + s)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        d = self.current_decay()
+        self.num_updates += 1
+        ema_p = [p for p in self.model.parameters()]
+        src_p = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - d)  # e += (1 - d) (p - e)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"num_updates": self.num_updates, "decay": self.decay, "warmup": self.warmup}
+
+    def load_state_dict(self, state: dict):
+        self.num_updates = int(state["num_updates"])
+
+
+# -----------------------------------------------------------------------------
+# Shallow initialisation from a deep model
+# -----------------------------------------------------------------------------
+
+_BLOCK_KEY = re.compile(r"^(in_blocks|out_blocks|blocks)\.(\d+)\.(.*)$")
+
+
+def _block_counts(keys) -> dict:
+    counts = {}
+    for k in keys:
+        m = _BLOCK_KEY.match(k)
+        if m:
+            counts[m.group(1)] = max(counts.get(m.group(1), 0), int(m.group(2)) + 1)
+    return counts
+
+
+def block_mapping(kind: str, n_shallow: int, n_deep: int) -> list:
+    """Deep block index for each shallow block of a block list.
+
+    - U-ViT 'in_blocks': the first ones (shallow in_blocks[i] <- deep in_blocks[i]);
+    - U-ViT 'out_blocks': the last ones (shallow out_blocks[-1 - i] <- deep out_blocks[-1 - i]), so each
+      copied out-block keeps its long-skip partner: out_blocks[-1] reads in_blocks[0] in both models;
+    - DiT 'blocks' (no long skips): evenly spaced, always including the first and the last block
+      (3 of 28 -> 0, 14, 27), so the shallow net keeps the input-side and output-side specialists.
+    The mid block, embeddings, norms and head map by name.
+    """
+    if n_shallow > n_deep:
+        raise ValueError(f"{kind}: the 'shallow' model has {n_shallow} blocks, more than the deep one "
+                         f"({n_deep})")
+    if kind == "in_blocks":
+        return list(range(n_shallow))
+    if kind == "out_blocks":
+        return list(range(n_deep - n_shallow, n_deep))
+    if n_shallow == 1:
+        return [n_deep - 1]
+    return [int(math.floor(i * (n_deep - 1) / (n_shallow - 1) + 0.5)) for i in range(n_shallow)]
+
+
+def _read_state_dict(source) -> dict:
+    if isinstance(source, nn.Module):
+        return source.state_dict()
+    if isinstance(source, dict):
+        return source
+    from .models.checkpoint import unwrap_state_dict
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"init_from_deep: no checkpoint at {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # EMA preferred
+
+
+@torch.no_grad()
+def init_from_deep(shallow: nn.Module, source) -> dict:
+    """Copy a trained deep model's tensors into a shallow companion, in place.
+
+    `source`: a module, a state dict, or a checkpoint path (.pt/.pth: EMA weights preferred; .safetensors).
+    Shallow key `<list>.<i>.<rest>` takes deep key `<list>.<block_mapping(...)[i]>.<rest>`; every other key
+    (patch/time/label embeddings, pos_embed, mid_block, final norm, decoder/head, final conv) takes the
+    deep key of the same name. Only keys present in both with the same shape are copied.
+    Returns {'copied': [(shallow_key, deep_key)], 'skipped': [shallow_key, ...]}.
+    """
+    deep_sd = _read_state_dict(source)
+    own = shallow.state_dict()
+    n_s, n_d = _block_counts(own), _block_counts(deep_sd)
+    maps = {kind: block_mapping(kind, n, n_d.get(kind, 0)) for kind, n in n_s.items() if n_d.get(kind, 0)}
+    copied, skipped = [], []
+    for key, dst in own.items():
+        m = _BLOCK_KEY.match(key)
+        src_key = key
+        if m:
+            kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
+            src_key = f"{kind}.{maps[kind][i]}.{rest}" if kind in maps else None
+        src = deep_sd.get(src_key) if src_key is not None else None
+        if src is None or tuple(src.shape) != tuple(dst.shape):
+            skipped.append(key)
+            continue
+        dst.copy_(src.to(dst.dtype))
+        copied.append((key, src_key))
+    if not copied:
+        raise ValueError("init_from_deep: no tensor of the deep checkpoint matches the shallow model "
+                         f"(shallow keys like {list(own)[:3]}, deep keys like {list(deep_sd)[:3]})")
+    return {"copied": copied, "skipped": skipped}
+
+
+# -----------------------------------------------------------------------------
+# Data order: a pure function of (seed, step)
+# -----------------------------------------------------------------------------
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's indices for steps `start..end-1`. Step s uses epoch e = s // (N // B) with a
+    permutation seeded by (seed, e); the global batch is split into `world` contiguous slices."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start: int, end: int):
+        if n < global_batch:
+            raise ValueError(f"dataset has {n} items, fewer than one global batch of {global_batch}")
+        self.n, self.gb, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+        self.start, self.end = start, end
+        self.per_epoch = n // global_batch  # the last partial batch of an epoch is dropped
+        self._epoch, self._perm = None, None
+
+    def indices(self, step: int) -> list:
+        epoch, j = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(ddist.batch_seed(self.seed, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        per = self.gb // self.world
+        lo = j * self.gb + self.rank * per
+        return self._perm[lo:lo + per].tolist()
+
+    def __iter__(self):
+        for s in range(self.start, self.end):
+            yield self.indices(s)
+
+    def __len__(self):
+        return max(0, self.end - self.start)
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    a, b = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(rank), int(step), 7]).generate_state(
+        2, np.uint32)
+    return ((int(a) << 32) | int(b)) & 0x7FFFFFFFFFFFFFFF
+
+
+# -----------------------------------------------------------------------------
+# RNG states and checkpoints
+# -----------------------------------------------------------------------------
+
+def _rng_state(device) -> dict:
+    # Stored as tensors / ints / lists so the checkpoint loads with torch.load(weights_only=True).
+    ver, internal, gauss = random.getstate()
+    key, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [ver, list(internal), gauss], "numpy": [key, torch.from_numpy(keys.astype(np.int64)),
+                                                                 int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device):
+    ver, internal, gauss = state["python"]
+    random.setstate((ver, tuple(internal), gauss))
+    key, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((key, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _gather_rng(device, world) -> list | None:
+    """Every rank's RNG state, on rank 0 (None elsewhere)."""
+    state = _rng_state(device)
+    if world <= 1:
+        return [state]
+    state = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    out = [None] * world if ddist.is_main() else None
+    torch.distributed.gather_object(state, out, dst=0)
+    return out
+
+
+def latest_checkpoint(path: str) -> str | None:
+    """The newest `step_*.pt` in `path` or `path/checkpoints` (None when there is none); a file is
+    returned as is."""
+    if os.path.isfile(path):
+        return path
+    for d in (os.path.join(path, CKPT_DIR), path):
+        if os.path.isdir(d):
+            found = sorted(f for f in os.listdir(d) if re.fullmatch(r"step_\d+\.pt", f))
+            if found:
+                return os.path.join(d, found[-1])
+    return None
+
+
+def _atomic_torch_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
+
+
+def _prune(ckpt_dir: str, keep: int):
+    if keep <= 0:
+        return
+    found = sorted(f for f in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d+\.pt", f))
+    for f in found[:-keep]:
+        os.remove(os.path.join(ckpt_dir, f))
+
+
+# -----------------------------------------------------------------------------
+# One batch
+# -----------------------------------------------------------------------------
+
+class _Batch:
+    """Turns a data batch into the training inputs; holds the schedule tables on the device."""
+
+    def __init__(self, model, schedule, spec, dataset, cfg, device):
+        self.device, self.schedule, self.conv = device, schedule, spec["time_convention"]
+        self.C = model.in_channels
+        if schedule.kind == "discrete":
+            ac = schedule.alphas_cumprod  # float64 [T]
+            self.a_tab = ac.sqrt().float().to(device)
+            self.s_tab = (1.0 - ac).sqrt().float().to(device)
+        # Latent data: precomputed latents are stored unscaled; U-ViT feature folders hold moments
+        # (mean, logvar), from which a latent is drawn each step.
+        self.latent = bool(spec.get("latent"))
+        scale = getattr(dataset, "scale_factor", None)
+        if scale is None:
+            scale = spec.get("latent_scale", 1.0)
+        self.scale = float(scale) if self.latent else 1.0
+        ch = getattr(dataset, "channels", self.C)
+        self.moments = self.latent and ch == 2 * self.C
+        if ch != self.C and not self.moments:
+            raise ValueError(f"dataset {cfg.data!r} has {ch} channels but the model takes {self.C}")
+        size = getattr(dataset, "img_size", model.img_size)
+        if size != model.img_size:
+            raise ValueError(f"dataset {cfg.data!r} is {size}x{size} but the model is built for "
+                             f"{model.img_size}x{model.img_size}; pick a matching preset or dataset size")
+        # Labels.
+        self.num_classes = int(getattr(model, "num_classes", 0) or 0)
+        null = getattr(model, "null_class", None)
+        self.label_range = null if null is not None and null < self.num_classes else self.num_classes
+        ds_classes = int(getattr(dataset, "num_classes", 0) or 0)
+        self.drop_p, self.null = 0.0, null
+        if self.num_classes > 0:
+            if ds_classes <= 0:
+                raise ValueError(f"the model is class-conditional ({self.num_classes} labels) but dataset "
+                                 f"{cfg.data!r} has no labels")
+            if ds_classes > self.label_range:
+                raise ValueError(f"dataset {cfg.data!r} has {ds_classes} classes but the model has room for "
+                                 f"{self.label_range} (num_classes={self.num_classes}, null_class={null})")
+            builtin = getattr(getattr(model, "y_embedder", None), "dropout_prob", 0.0)
+            if builtin > 0:
+                pass  # DiT drops labels itself in train mode (class_dropout_prob): do not drop twice
+            elif cfg.label_dropout > 0 and null is not None:
+                self.drop_p = float(cfg.label_dropout)
+            elif cfg.label_dropout > 0:
+                warnings.warn("the model has no null class: training without label dropout (no CFG)",
+                              stacklevel=3)
+        elif ds_classes > 0 and ddist.is_main():
+            warnings.warn(f"the model is unconditional: the {ds_classes} dataset labels are ignored",
+                          stacklevel=3)
+
+    def __call__(self, x0, y, gen):
+        """Returns (x_t, model time, labels or None, eps target), all on the device."""
+        dev = self.device
+        x0 = x0.to(dev, torch.float32, non_blocking=True)
+        B = x0.shape[0]
+        if self.schedule.kind == "discrete":
+            t = torch.randint(0, self.schedule.T, (B,), generator=gen, device=dev)
+            a, s = self.a_tab[t], self.s_tab[t]
+        else:
+            eps_t = getattr(self.schedule, "eps", 1e-3)
+            t = eps_t + (1.0 - eps_t) * torch.rand(B, generator=gen, device=dev, dtype=torch.float64)
+            a, s = (v.float() for v in self.schedule.alpha_sigma(t))
+        if self.moments:
+            mean, logvar = x0.chunk(2, dim=1)
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            x0 = mean + std * torch.randn(mean.shape, generator=gen, device=dev)
+        x0 = x0 * self.scale
+        eps = torch.randn(x0.shape, generator=gen, device=dev)
+        xt = a.view(B, 1, 1, 1) * x0 + s.view(B, 1, 1, 1) * eps  # (B, C, H, W)
+        tm = self.schedule.model_time(t, self.conv).to(torch.float32)
+        if self.num_classes > 0:
+            y = y.to(dev, torch.long, non_blocking=True)
+            if self.drop_p > 0:
+                drop = torch.rand(B, generator=gen, device=dev) < self.drop_p
+                y = torch.where(drop, torch.full_like(y, self.null), y)
+        else:
+            y = None
+        return xt, tm, y, eps
+
+
+# -----------------------------------------------------------------------------
+# Sample grid
+# -----------------------------------------------------------------------------
+
+def _sample_grid(model, schedule, path, n, steps, seed):
+    from .data import save_grid
+    from .sampling import DuoSampler
+    if schedule.kind == "discrete":
+        steps = min(steps, schedule.T)
+    sampler = DuoSampler(model, model, schedule=schedule, solver="ddim", steps=steps, switch=0)
+    x = sampler.sample(n=n, generator=torch.Generator().manual_seed(seed))  # (n, C, H, W)
+    if x.shape[1] not in (1, 3):
+        return None  # latents: no pixels to show without a VAE
+    save_grid(x, path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+# -----------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training. Returns paths of the outputs and the final loss:
+    dict(out, checkpoint, safetensors, spec, log, grids, final_loss, step, copied_from_deep, rank,
+    world_size).
+    Only rank 0 writes files; `checkpoint` is the newest one written (or resumed from)."""
+    from .data import get_dataset
+    from .models import create_model, save_safetensors
+
+    with ddist.distributed_session(cfg.device) as (rank, world, device):
+        return _train(cfg, rank, world, device, rank == 0, get_dataset, create_model, save_safetensors)
+
+
+def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safetensors):
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by the {world} processes")
+    if cfg.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    spec, schedule = _effective_spec(cfg, resolve_spec(cfg.model))
+    out, ckpt_dir = cfg.out, os.path.join(cfg.out, CKPT_DIR)
+    if main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+
+    # Same initial weights on every rank (DDP also broadcasts rank 0's), then rank-distinct global streams.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = create_model(spec).to(device).train()
+    torch.manual_seed(ddist.batch_seed(cfg.seed, 1 + rank))
+    random.seed(ddist.batch_seed(cfg.seed, 1 + rank))
+    np.random.seed(ddist.batch_seed(cfg.seed, 1 + rank) % 2**32)
+
+    dataset = get_dataset(cfg.data, **cfg.data_kwargs)
+    batcher = _Batch(model, schedule, spec, dataset, cfg, device)
+
+    copied = None
+    resume_path = None
+    if cfg.resume:
+        resume_path = latest_checkpoint(out if cfg.resume in ("latest", "auto") else cfg.resume)
+        if resume_path is None and cfg.resume not in ("latest", "auto"):
+            raise FileNotFoundError(f"--resume {cfg.resume}: no checkpoint found")
+    if cfg.init_from_deep and resume_path is None:
+        copied = len(init_from_deep(model, cfg.init_from_deep)["copied"])
+
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(5000, cfg.steps // 10)
+    min_ratio = cfg.min_lr / cfg.lr if cfg.lr else 0.0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, cfg.steps, min_ratio))
+
+    start, rng_states = 0, None
+    if resume_path is not None:
+        ck = torch.load(resume_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        ema.model.load_state_dict(ck["ema"])
+        ema.load_state_dict(ck["ema_state"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start = int(ck["step"])
+        old = ck.get("config", {})
+        for key in ("steps", "batch_size", "seed"):
+            if key in old and old[key] != getattr(cfg, key) and main:
+                warnings.warn(f"resuming {resume_path} with {key}={getattr(cfg, key)} (it was trained with "
+                              f"{old[key]}): the run will not match an uninterrupted one", stacklevel=2)
+        rng_states = ck.get("rng")
+        if rng_states is not None and len(rng_states) != world:
+            if main:
+                warnings.warn(f"checkpoint written by {len(rng_states)} processes, resuming with {world}: "
+                              "global RNG streams are not restored", stacklevel=2)
+            rng_states = None
+
+    ddp = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    end = cfg.steps if cfg.stop_at is None else max(start, min(cfg.steps, int(cfg.stop_at)))
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed, start, end)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    batches = iter(loader)  # before restoring RNG: creating the iterator draws from the global generator
+    if rng_states is not None:
+        _set_rng_state(rng_states[rank], device)
+
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    gen = torch.Generator(device=device)
+
+    paths = dict(out=out, spec=os.path.join(out, "model.json"), log=os.path.join(out, "log.jsonl"),
+                 safetensors=os.path.join(out, "ema.safetensors"), checkpoint=resume_path, grids=[])
+    if main:
+        with open(paths["spec"], "w") as f:
+            json.dump(spec, f, indent=2)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dict(cfg.to_dict(), world_size=world, precision=precision, warmup_steps=warmup,
+                           effective_spec=spec, copied_from_deep=copied), f, indent=2)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (main and cfg.progress),
+               dynamic_ncols=True)
+    loss_sum = torch.zeros((), device=device)
+    window, final_loss, t_window = 0, float("nan"), time.perf_counter()
+    grad_norm = torch.zeros((), device=device)
+
+    def save_checkpoint(step):
+        rng = _gather_rng(device, world)  # collective: every rank calls it
+        if not main:
+            return
+        path = os.path.join(ckpt_dir, CKPT_FORMAT.format(step=step))
+        _atomic_torch_save(dict(step=step, model=model.state_dict(), ema=ema.model.state_dict(),
+                                ema_state=ema.state_dict(), optimizer=opt.state_dict(),
+                                scheduler=sched.state_dict(), rng=rng, world_size=world, config=cfg.to_dict(),
+                                spec=spec), path)
+        _prune(ckpt_dir, cfg.keep_checkpoints)
+        meta = {"format": "duodiff-fast", "weights": "ema", "spec": json.dumps(spec), "step": step,
+                "preset": spec.get("preset", "")}
+        save_safetensors(ema.model, paths["safetensors"], metadata=meta)
+        paths["checkpoint"] = path
+
+    log_mode = "a" if resume_path is not None else "w"  # a fresh run does not extend an old log
+    with open(paths["log"], log_mode) if main else open(os.devnull, "w") as log:
+        for step in range(start, end):
+            x0, y = next(batches)
+            gen.manual_seed(_step_seed(cfg.seed, rank, step))
+            xt, tm, y, eps = batcher(x0, y, gen)
+            with torch.autocast(**amp):
+                out_ = ddp(xt, tm, y) if y is not None else ddp(xt, tm)
+            # Only the eps channels: DiT's learned-sigma channels are not trained (DDIM/DDPM ignore them).
+            loss = F.mse_loss(out_[:, : batcher.C].float(), eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            ema.update(model)
+            loss_sum += loss.detach()
+            window += 1
+            s = step + 1
+            bar.update(1)
+
+            if s % cfg.log_every == 0 or s == end:
+                mean = loss_sum / window
+                if world > 1:
+                    torch.distributed.all_reduce(mean)
+                    mean = mean / world
+                final_loss = float(mean.item())
+                now = time.perf_counter()
+                rec = dict(step=s, loss=final_loss, lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm),
+                           images_per_s=window * cfg.batch_size / max(now - t_window, 1e-9))
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{rec['lr']:.2e}")
+                loss_sum.zero_()
+                window, t_window = 0, now
+                if not math.isfinite(final_loss):
+                    raise FloatingPointError(f"loss is {final_loss} at step {s}; lower the lr or check "
+                                             "the data")
+            if cfg.ckpt_every and s % cfg.ckpt_every == 0 and s != end:
+                save_checkpoint(s)
+            if main and cfg.sample_every and (s % cfg.sample_every == 0 or s == end):
+                p = os.path.join(out, "samples", f"step_{s:07d}.png")
+                if _sample_grid(ema.model, schedule, p, cfg.sample_n, cfg.sample_steps, cfg.seed):
+                    paths["grids"].append(p)
+        bar.close()
+        if end > start:
+            save_checkpoint(end)
+    ddist.barrier()
+    return dict(paths, final_loss=final_loss, step=end, copied_from_deep=copied, rank=rank, world_size=world)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    cfg = TrainConfig(
+        model=args.model, data=args.data,
+        data_kwargs=json.loads(args.data_kwargs) if args.data_kwargs else {},
+        out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        ema_decay=args.ema_decay, label_dropout=args.label_dropout, schedule=args.schedule,
+        time_convention=args.time_convention, precision=args.precision, seed=args.seed, resume=args.resume,
+        init_from_deep=args.init_from_deep, stop_at=args.stop_at, ckpt_every=args.ckpt_every,
+        keep_checkpoints=args.keep_checkpoints, sample_every=args.sample_every, sample_n=args.sample_n,
+        sample_steps=args.sample_steps, log_every=args.log_every, num_workers=args.num_workers,
+        device=args.device, progress=not args.no_progress)
+    res = train(cfg)
+    if res["rank"] == 0:
+        print(f"step {res['step']}: loss {res['final_loss']:.4f}; wrote {res['checkpoint']} and "
+              f"{res['safetensors']}")
+    return 0
+
+
+def add_cli(subparsers):
+    """Add the `train` subcommand to the `duodiff-fast` parser."""
+    d = TrainConfig()
+    p = subparsers.add_parser("train", help="train a deep or shallow denoiser (DuoDiff recipe, torchrun)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True,
+                   help="preset name (duodiff-fast info --presets) or a JSON spec file")
+    p.add_argument("--data", default=d.data,
+                   help="dataset: shapes[:SIZE], cifar10:PATH, folder:PATH, npz:PATH, latents:PATH")
+    p.add_argument("--data-kwargs", default=None, help='JSON of extra dataset keywords, e.g. \'{"n": 1000}\'')
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over processes)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--min-lr", type=float, default=d.min_lr)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: min(5000, steps // 10)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--label-dropout", type=float, default=d.label_dropout)
+    p.add_argument("--schedule", default=None,
+                   help="training schedule (default: the model's discrete one, else linear)")
+    p.add_argument("--time-convention", default=None, choices=["int", "frac1000", "cont999"])
+    p.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from PATH (file or run folder), or with no PATH from the newest "
+                        "checkpoint in --out")
+    p.add_argument("--init-from-deep", default=None, metavar="PATH",
+                   help="initialise a shallow model from a trained deep checkpoint (mapped blocks, "
+                        "embeddings, head)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step (the schedule still spans --steps)")
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--sample-every", type=int, default=d.sample_every)
+    p.add_argument("--sample-n", type=int, default=d.sample_n)
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--num-workers", type=int, default=d.num_workers)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+    return p
