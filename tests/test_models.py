@@ -183,7 +183,8 @@ OFFICIAL.pop("_meta")
 
 
 def test_presets_cover_official_configs():
-    assert set(OFFICIAL) == set(PRESETS), sorted(set(OFFICIAL) ^ set(PRESETS))
+    official = {n for n, p in PRESETS.items() if p.get("official", True)}
+    assert set(OFFICIAL) == official, sorted(set(OFFICIAL) ^ official)
     assert not any("mscoco" in n for n in PRESETS)
     assert list_presets("dit") and all(n.startswith("dit_") for n in list_presets("dit"))
 
@@ -233,8 +234,7 @@ def test_model_attributes():
     assert (dxl.in_channels, dxl.out_channels, dxl.img_size, dxl.num_classes) == (4, 8, 32, 1000)
     assert (dxl.null_class, dxl.time_convention, dxl.depth_blocks) == (1000, "int", 28)
     assert (d512.img_size, d512.depth_blocks) == (64, 3)
-    assert PRESETS["dit_xl_2"]["schedule"] == dict(name="linear", beta_start=1e-4, beta_end=0.02,
-                                                   num_train_timesteps=1000)
+    assert PRESETS["dit_xl_2"]["schedule"] == dict(name="linear", beta_start=1e-4, beta_end=0.02, T=1000)
     assert PRESETS["uvit_cifar10_small"]["schedule"] == dict(name="vpsde", beta_min=0.1, beta_max=20.0)
     assert PRESETS["uvit_imagenet256_huge"]["schedule"]["name"] == "scaled_linear"
     with pytest.raises(ValueError, match="time_convention"):

@@ -79,6 +79,17 @@ def _dit(size, patch_size, input_size=32):
                 num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True)
 
 
+# Not official U-ViT checkpoints: DuoDiff's own recipe (DESIGN.md §2: linear betas, net fed t/1000).
+_DUODIFF = [
+    ("duodiff_cifar10_small", _uvit(32, 2, 512, 12, 8, -1),
+     "U-ViT-S/2 as DuoDiff trains it on CIFAR-10: linear betas 1e-4..0.02, net fed t/1000"),
+    # The demo pair shipped in duodiff_fast/assets (trained on the built-in Shapes data, README):
+    # 10 classes + label 10 as the null class for guidance, 4x4 patches -> 64 tokens + 2.
+    ("uvit_shapes32_demo", _uvit(32, 4, 128, 12, 4, 11),
+     "small U-ViT (13 blocks, width 128) for the built-in Shapes data, 32x32, 10 classes + null"),
+]
+
+
 def _build_presets():
     presets = {}
     for name, kwargs, tc, sched, latent, extra, desc in _UVIT:
@@ -97,6 +108,9 @@ def _build_presets():
         family="dit", kwargs=_dit("xl", 2, input_size=64), time_convention="int", schedule=dict(LINEAR),
         latent=True, latent_scale=LATENT_SCALE,
         description="DiT-XL/2, ImageNet 512 latent 4x64x64, 1000 classes (+ null label)")
+    for name, kwargs, desc in _DUODIFF:
+        presets[name] = dict(family="uvit", kwargs=kwargs, time_convention="frac1000", schedule=dict(LINEAR),
+                             latent=False, description=desc, official=False)
     for name in list(presets):
         shallow = copy.deepcopy(presets[name])
         shallow["kwargs"]["depth"] = SHALLOW_DEPTH
