@@ -77,7 +77,8 @@ class PatchEmbed(nn.Module):
         H, W = x.shape[-2:]
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"input {H}x{W} is not divisible by patch size {self.patch_size}")
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D)
+        # (B, L, D) with D contiguous: the fused norm kernels read rows along the channel dim
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class Mlp(nn.Module):

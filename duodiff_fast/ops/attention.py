@@ -10,10 +10,16 @@ import torch.nn.functional as F
 
 
 def _check_qkv(qkv: torch.Tensor):
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"attention: qkv must be a tensor, got {type(qkv).__name__}")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"attention: qkv must be [B, L, 3, H, D], got shape {tuple(qkv.shape)}")
     if qkv.stride(-1) != 1:
         raise ValueError(f"attention: the last dim of qkv must be contiguous, got strides {qkv.stride()}")
+    if not qkv.is_floating_point():
+        raise ValueError(f"attention: qkv must be a floating-point tensor, got {qkv.dtype}")
+    if qkv.shape[1] < 1 or qkv.shape[-1] < 1:
+        raise ValueError(f"attention: qkv needs L >= 1 and D >= 1, got shape {tuple(qkv.shape)}")
 
 
 def attention_ref(qkv: torch.Tensor, scale: float | None = None, upcast: bool = False) -> torch.Tensor:
@@ -40,3 +46,38 @@ def attention_sdpa(qkv: torch.Tensor, scale: float | None = None) -> torch.Tenso
 
 def default_scale(D: int) -> float:
     return 1.0 / math.sqrt(D)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fast backends behind torch.library (see ops/__init__.py for why custom_op and not triton_op)
+# --------------------------------------------------------------------------------------------------
+
+def attention_fast(qkv: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    """Run the Triton or CUDA kernel; `scale` already resolved to a float."""
+    B, L, _, H, D = qkv.shape
+    if qkv.stride(-1) != 1:  # only a compiled graph's re-laid-out input could get here
+        qkv = qkv.contiguous()
+    out = qkv.new_empty(B, L, H * D)  # (B, L, H*D), the layout the fake impl promises
+    if backend == "triton":
+        from duodiff_fast.kernels.attention import attention_fwd
+
+        attention_fwd(qkv, scale, out=out)
+    elif backend == "cuda":
+        from .. import _cpp_lib
+
+        _cpp_lib.get().attention(qkv, scale, out)
+    else:
+        raise ValueError(f"attention_fast: no fast backend named {backend!r}")
+    return out
+
+
+@torch.library.custom_op("duodiff::attention", mutates_args=())
+def attention_op(qkv: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    """Registered op: packed qkv [B, L, 3, H, D] -> [B, L, H*D] with the named fast backend."""
+    return attention_fast(qkv, scale, backend)
+
+
+@attention_op.register_fake
+def _(qkv, scale, backend):
+    B, L, _, H, D = qkv.shape
+    return qkv.new_empty(B, L, H * D)
