@@ -17,18 +17,6 @@ TINY = {"family": "uvit", "time_convention": "frac1000", "schedule": {"name": "l
         "kwargs": dict(img_size=8, patch_size=2, embed_dim=32, depth=3, num_heads=2, num_classes=11)}
 
 
-@pytest.fixture(autouse=True)
-def fast_cpu(monkeypatch):
-    # Tiny models on a shared 2-core machine: one thread is several times faster than two, and the
-    # torch backend avoids the Triton interpreter that conftest's TRITON_INTERPRET=1 would select
-    # for the no-grad sampling path (kernels are tested in their own files).
-    monkeypatch.setenv("DUODIFF_BACKEND", "torch")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_sampler(solver="ddpm"):
     torch.manual_seed(0)
     deep = create_model(dict(TINY, kwargs=dict(TINY["kwargs"], depth=5))).eval()
