@@ -665,7 +665,8 @@ def cmd_train(args) -> int:
         model=args.model, data=args.data,
         data_kwargs=json.loads(args.data_kwargs) if args.data_kwargs else {},
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, betas=tuple(args.betas),
+        grad_clip=args.grad_clip,
         ema_decay=args.ema_decay, label_dropout=args.label_dropout, schedule=args.schedule,
         time_convention=args.time_convention, precision=args.precision, seed=args.seed, resume=args.resume,
         init_from_deep=args.init_from_deep, stop_at=args.stop_at, ckpt_every=args.ckpt_every,
@@ -696,6 +697,8 @@ def add_cli(subparsers):
     p.add_argument("--min-lr", type=float, default=d.min_lr)
     p.add_argument("--warmup-steps", type=int, default=None, help="default: min(5000, steps // 10)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--betas", type=lambda v: [float(b) for b in v.split(",")], default=list(d.betas),
+                   help="AdamW betas, e.g. 0.9,0.999 (DuoDiff: 0.99,0.999)")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--label-dropout", type=float, default=d.label_dropout)

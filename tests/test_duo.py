@@ -191,3 +191,19 @@ def test_default_schedule_comes_from_the_deep_models_preset():
     x = s.sample(n=2, generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
     assert s.compute_fraction() == pytest.approx((3 * 2 + 5 * 2) / (5 * 4))
+
+
+def test_clip_sample_bounds_the_x0_prediction():
+    # A denoiser whose eps is far off drives unclipped DDIM far outside the data range.
+    class Wild(ToyDenoiser):
+        def forward(self, x, t, y=None):
+            return super().forward(x, t, y) * 3.0
+
+    shallow, deep = Wild(1), Wild(2)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    free = DuoSampler(shallow, deep, schedule=SCHED, steps=10, switch=0.5).sample(noise=noise)
+    clipped = DuoSampler(shallow, deep, schedule=SCHED, steps=10, switch=0.5, clip_sample=1.0).sample(noise=noise)
+    assert free.abs().max() > 2.0
+    assert clipped.abs().max() <= 1.0 + 1e-5
+    with pytest.raises(ValueError, match="clip_sample works with 'ddim' and 'ddpm'"):
+        DuoSampler(shallow, deep, schedule=SCHED, solver="dpmsolver++", clip_sample=1.0)

@@ -108,11 +108,14 @@ class DuoSampler:
             state stays float32.
         spacing: timestep spacing ('leading', 'trailing', 'linspace'); solver default if None.
         eta: DDIM eta.
+        clip_sample: clamp each step's x0 prediction to [-c, c] ('ddim' and 'ddpm'), as the original
+            DDPM sampler does for pixel models; None (default) leaves it free.
         progress: show a progress bar over the steps.
     """
 
     def __init__(self, shallow, deep, *, schedule=None, solver="ddim", steps=50, switch=0.3,
-                 cfg_scale=None, cuda_graphs="auto", dtype=None, spacing=None, eta=0.0, progress=False):
+                 cfg_scale=None, cuda_graphs="auto", dtype=None, spacing=None, eta=0.0, clip_sample=None,
+                 progress=False):
         a, b = _model_info(shallow), _model_info(deep)
         for key in ("img_size", "in_channels", "num_classes", "time_convention"):
             if a[key] != b[key]:
@@ -136,6 +139,10 @@ class DuoSampler:
         kw = {} if spacing is None else {"spacing": spacing}
         if solver == "ddim":
             kw["eta"] = eta
+        if clip_sample is not None:
+            if solver not in ("ddim", "ddpm"):
+                raise ValueError(f"DuoSampler: clip_sample works with 'ddim' and 'ddpm', not {solver!r}")
+            kw["clip_sample"] = float(clip_sample)
         self.solver_name = solver
         self.solver = get_solver(solver, self.schedule, self.steps, **kw)
         self.switch = switch
