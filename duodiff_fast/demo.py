@@ -1,0 +1,212 @@
+"""`duodiff-fast demo`: the DuoDiff idea end to end on a laptop, from the pair shipped in the package.
+
+Samples the built-in Shapes data with the deep model alone, with DuoDiff at several switch points and
+with the shallow model alone, all from the same noise and labels; then reports speed-up, fidelity to
+deep-only (PSNR) and proxy FID, writes a side-by-side grid and a speed/quality plot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_FILES = {"deep": "demo_deep.safetensors", "shallow": "demo_shallow.safetensors"}
+
+
+# -----------------------------------------------------------------------------
+# The shipped pair
+# -----------------------------------------------------------------------------
+
+def load_demo_model(path, device="cpu"):
+    """A model from a `.safetensors` file whose metadata holds its spec (what `train` exports)."""
+    from safetensors import safe_open
+
+    from .models import create_model
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"demo weights not found: {path} (reinstall the package, or rebuild them with "
+                                "the commands in the README's 'Demo weights' section)")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if "spec" not in meta:
+            raise ValueError(f"{path}: no 'spec' in the safetensors metadata; expected a file exported by "
+                             "`duodiff-fast train` or tools/export_demo.py")
+        sd = {k: f.get_tensor(k).float() for k in f.keys()}  # stored fp16 to fit the package; run fp32
+    model = create_model(json.loads(meta["spec"]))
+    model.load_state_dict(sd, strict=True)
+    model.trained_steps = int(meta.get("step", 0))
+    return model.to(device).eval()
+
+
+def load_demo_pair(device="cpu"):
+    """(shallow, deep) trained on the built-in Shapes data (see README, 'Demo weights')."""
+    return (load_demo_model(ASSETS / DEMO_FILES["shallow"], device),
+            load_demo_model(ASSETS / DEMO_FILES["deep"], device))
+
+
+# -----------------------------------------------------------------------------
+# The demo
+# -----------------------------------------------------------------------------
+
+def run_demo(out="out/demo", n=256, steps=25, switches=(0.2, 0.4, 0.6), solver="ddim", seed=0,
+             cfg_scale=None, clip_sample=1.0, reference_n=2000, batch_size=256, device=None, progress=True):
+    """Run every mode from the same noise; returns one dict per mode and writes PNGs + JSON to `out`."""
+    from tqdm.auto import tqdm
+
+    from .eval import feature_statistics, fidelity, frechet_distance
+    from .proxy import ProxyClassifier
+    from .sampling import DuoSampler
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shallow, deep = load_demo_pair(device)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, deep.in_channels, deep.img_size, deep.img_size, generator=gen)
+    labels = torch.randint(0, deep.null_class if deep.null_class is not None else deep.num_classes, (n,),
+                           generator=gen)
+    modes = [("deep-only", 0.0)] + [(f"DuoDiff {s:g}", float(s)) for s in switches] + [("shallow-only", 1.0)]
+
+    def sampler(s):
+        return DuoSampler(shallow, deep, schedule=deep.schedule_spec, solver=solver, steps=steps, switch=s,
+                          cfg_scale=cfg_scale, clip_sample=clip_sample if solver != "dpmsolver++" else None)
+
+    sampler(0.0).sample(noise=noise[:2], y=labels[:2])  # warm-up outside the clock
+    images, rows = {}, []
+    bar = tqdm(modes, desc="demo", unit="mode", disable=not progress)
+    for name, s in bar:
+        smp = sampler(s)
+        bar.set_postfix_str(f"{name}: {smp.k}/{steps} shallow steps")
+        chunks, seconds = [], 0.0
+        for i in range(0, n, batch_size):
+            t0 = time.perf_counter()
+            chunks.append(smp.sample(noise=noise[i:i + batch_size], y=labels[i:i + batch_size]).cpu())
+            seconds += time.perf_counter() - t0
+        images[name] = torch.cat(chunks).clamp(-1, 1)
+        rows.append(dict(mode=name, switch=s, shallow_steps=smp.k, steps=steps, n=n,
+                         seconds_per_image=seconds / n, theoretical_speedup=1.0 / smp.compute_fraction()))
+
+    clf = ProxyClassifier.load(device=device)
+    from .eval import reference_images
+    ref_stats = feature_statistics(clf.features(reference_images("shapes", reference_n)))
+    base = rows[0]["seconds_per_image"]
+    for r in rows:
+        x = images[r["mode"]]
+        r["speedup"] = base / r["seconds_per_image"]
+        fid = fidelity(x, images["deep-only"])
+        r["psnr_vs_deep"] = fid["psnr"]
+        r["mse_vs_deep"] = fid["mse"]
+        r["proxy_fid"] = frechet_distance(*feature_statistics(clf.features(x)), *ref_stats)
+        r["device"] = _device_name(device)
+
+    os.makedirs(out, exist_ok=True)
+    _side_by_side(images, os.path.join(out, "side_by_side.png"), ncols=min(10, n))
+    _speed_quality_plot(rows, os.path.join(out, "speed_quality.png"))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(dict(rows=rows, solver=solver, steps=steps, n=n, seed=seed, cfg_scale=cfg_scale,
+                       clip_sample=clip_sample,
+                       reference_n=reference_n, deep_trained_steps=deep.trained_steps,
+                       shallow_trained_steps=shallow.trained_steps), f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown(rows) + "\n")
+    return rows
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def markdown(rows) -> str:
+    lines = ["| mode | shallow steps | s/image | speed-up | theoretical | PSNR vs deep (dB) | proxy FID |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        psnr = "-" if r["mode"] == "deep-only" else f"{r['psnr_vs_deep']:.2f}"
+        lines.append(f"| {r['mode']} | {r['shallow_steps']}/{r['steps']} | {r['seconds_per_image']:.4f} | "
+                     f"{r['speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | {psnr} | {r['proxy_fid']:.2f} |")
+    return "\n".join(lines)
+
+
+def _side_by_side(images, path, ncols):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import to_uint8
+    names = list(images)
+    fig, axes = plt.subplots(len(names), 1, figsize=(ncols * 0.9, len(names) * 1.0 + 0.3))
+    for ax, name in zip(axes, names):
+        strip = to_uint8(images[name][:ncols])  # (ncols, H, W, 3)
+        ax.imshow(strip.transpose(1, 0, 2, 3).reshape(strip.shape[1], -1, 3), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle("same noise and labels, per row: deep only, DuoDiff at switch points, shallow only",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _speed_quality_plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    sp = [r["speedup"] for r in rows]
+    a.plot(sp, [r["proxy_fid"] for r in rows], "o-")
+    a.set_xlabel("measured speed-up over deep-only")
+    a.set_ylabel("proxy FID (lower is better)")
+    for r in rows:
+        a.annotate(r["mode"], (r["speedup"], r["proxy_fid"]), fontsize=7, xytext=(3, 3),
+                   textcoords="offset points")
+    duo = [r for r in rows if r["mode"] != "deep-only"]
+    b.plot([r["shallow_steps"] / r["steps"] for r in duo], [r["psnr_vs_deep"] for r in duo], "s-")
+    b.set_xlabel("share of steps on the shallow model")
+    b.set_ylabel("PSNR vs deep-only, same noise (dB)")
+    fig.suptitle(f"DuoDiff on the demo pair ({rows[0]['device']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+# -----------------------------------------------------------------------------
+
+def cmd_demo(args):
+    t0 = time.perf_counter()
+    rows = run_demo(out=args.out, n=args.n, steps=args.steps, switches=args.switches, solver=args.solver,
+                    seed=args.seed, cfg_scale=args.cfg, clip_sample=args.clip_sample or None,
+                    reference_n=args.reference_n,
+                    batch_size=args.batch_size, device=args.device)
+    best = max((r for r in rows if r["mode"].startswith("DuoDiff")), key=lambda r: r["speedup"])
+    print(f"wrote {args.out}/side_by_side.png, speed_quality.png, results.json, results.md "
+          f"({time.perf_counter() - t0:.0f} s in all)")
+    print(f"fastest DuoDiff setting: {best['speedup']:.2f}x over deep-only (theory {best['theoretical_speedup']:.2f}x), "
+          f"PSNR {best['psnr_vs_deep']:.1f} dB vs deep-only, proxy FID {best['proxy_fid']:.2f} "
+          f"(deep-only {rows[0]['proxy_fid']:.2f}); timings on {rows[0]['device']}")
+    print(markdown(rows))
+    return 0
+
+
+def add_cli(sub):
+    p = sub.add_parser("demo", help="deep-only vs DuoDiff with the shipped demo pair: grid, plot, speed-up, "
+                                    "fidelity, proxy FID")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=256)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--switches", type=lambda s: [float(v) for v in s.split(",")], default=[0.2, 0.4, 0.6])
+    p.add_argument("--solver", default="ddim", choices=["ddim", "ddpm", "dpmsolver++"])
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--clip-sample", type=float, default=1.0,
+                   help="clamp each step's x0 prediction to [-c, c] (ddim/ddpm; 0 = off), as DDPM does for pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-n", type=int, default=2000, help="held-out Shapes images for proxy FID")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_demo)

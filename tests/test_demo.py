@@ -1,0 +1,47 @@
+"""The demo: shipped weights load offline, and the demo runs end to end (small settings)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from duodiff_fast.demo import ASSETS, DEMO_FILES, load_demo_model, load_demo_pair, run_demo
+
+
+def test_shipped_pair_fits_the_budget_and_loads():
+    total = sum(os.path.getsize(ASSETS / f) for f in DEMO_FILES.values())
+    assert total <= 10 * 2**20, f"demo weights are {total / 2**20:.2f} MiB"
+    shallow, deep = load_demo_pair()
+    assert (shallow.depth_blocks, deep.depth_blocks) == (3, 13)
+    assert (shallow.img_size, shallow.in_channels) == (deep.img_size, deep.in_channels) == (32, 3)
+    assert deep.time_convention == "frac1000" and deep.schedule_spec["name"] == "linear"
+    assert deep.trained_steps > 0 and shallow.trained_steps > 0
+    assert next(deep.parameters()).dtype == torch.float32
+
+
+def test_missing_or_foreign_weights_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        load_demo_model(tmp_path / "nothing.safetensors")
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.randn(2, 2)}, str(path))
+    with pytest.raises(ValueError, match="no 'spec'"):
+        load_demo_model(path)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    rows = run_demo(out=str(out), n=8, steps=6, switches=(0.5,), reference_n=64, batch_size=8, progress=False)
+    assert [r["mode"] for r in rows] == ["deep-only", "DuoDiff 0.5", "shallow-only"]
+    assert [r["shallow_steps"] for r in rows] == [0, 3, 6]
+    assert rows[0]["theoretical_speedup"] == pytest.approx(1.0)
+    assert rows[1]["theoretical_speedup"] == pytest.approx(13 * 6 / (3 * 3 + 13 * 3))
+    assert rows[2]["theoretical_speedup"] == pytest.approx(13 / 3)
+    for r in rows:
+        assert r["seconds_per_image"] > 0 and r["proxy_fid"] > 0
+    # the deep segment pulls DuoDiff's samples towards deep-only: closer than shallow-only ones
+    assert rows[1]["psnr_vs_deep"] > rows[2]["psnr_vs_deep"]
+    for name in ("side_by_side.png", "speed_quality.png", "results.json", "results.md"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"][1]["shallow_steps"] == 3
