@@ -13,11 +13,11 @@ from setuptools import setup
 
 PACKAGES = [
     "duodiff_fast", "duodiff_fast.models", "duodiff_fast.ops", "duodiff_fast.sampling",
-    "duodiff_fast.kernels",
+    "duodiff_fast.kernels", "duodiff_fast.assets",
 ]
 PACKAGE_DIR = {"duodiff_fast.kernels": "kernels"}
 # Shipped weights (proxy-FID classifier, demo pair): small safetensors files, read offline.
-PACKAGE_DATA = {"duodiff_fast": ["assets/*.safetensors", "assets/*.json"]}
+PACKAGE_DATA = {"duodiff_fast.assets": ["*.safetensors", "*.json"]}
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

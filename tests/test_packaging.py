@@ -46,6 +46,8 @@ def test_wheel_is_pure_python_and_maps_kernels(tmp_path):
     assert wheel.name.endswith("py3-none-any.whl"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert "duodiff_fast/kernels/__init__.py" in names
+    for asset in ("proxy_classifier", "demo_deep", "demo_shallow"):  # shipped weights, read offline
+        assert f"duodiff_fast/assets/{asset}.safetensors" in names, asset
     assert not any(n.startswith("kernels/") for n in names), "kernels/ must install as duodiff_fast.kernels only"
     assert not any(n.endswith(".so") for n in names)
     tops = {n.split("/")[0] for n in names if not n.startswith("duodiff_fast-")}
