@@ -52,15 +52,14 @@ def run(args) -> list[dict]:
     torch.manual_seed(0)
     deep = create_model(args.deep).to(device, dtype).eval()
     shallow = create_model(args.shallow or f"{args.deep}_shallow").to(device, dtype).eval()
-    y = None
-    if (deep.num_classes or 0) > 0:
-        y = torch.randint(0, deep.num_classes - 1, (args.batch,))
     noise = torch.randn(args.batch, deep.in_channels, deep.img_size, deep.img_size,
                         generator=torch.Generator().manual_seed(0))
 
     modes = [("deep-only", 0.0)] + [(f"duodiff@{s:g}", s) for s in args.switches] + [("shallow-only", 1.0)]
     samplers = {name: DuoSampler(shallow, deep, solver=args.solver, steps=args.steps, switch=s)
                 for name, s in modes}
+    deep_only = samplers["deep-only"]
+    y = torch.randint(0, deep_only.label_range(), (args.batch,)) if deep_only.num_classes > 0 else None
     times = {name: [] for name, _ in modes}
     for name, _ in modes:  # warm-up (allocator, autotuning, first-call overheads)
         samplers[name].sample(noise=noise, y=y)

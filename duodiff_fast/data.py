@@ -59,6 +59,10 @@ class _BatchedDataset(Dataset):
                              f"min {int(idx.min())}, max {int(idx.max())}")
         return torch.where(idx < 0, idx + n, idx)
 
+    def labels(self, indices=None) -> torch.Tensor:
+        """Labels without loading images (subclasses that hold them set ``labels_``)."""
+        return self.labels_ if indices is None else self.labels_[self._check_indices(indices)]
+
     def __getitem__(self, i):
         x, y = self.batch([int(i)])
         return x[0], y[0]
@@ -397,9 +401,6 @@ class TensorImages(_BatchedDataset):
         return (f"{type(self).__name__}(source={self.source!r}, n={len(self)}, channels={self.channels}, "
                 f"img_size={self.img_size}, num_classes={self.num_classes}, dtype={self.data.dtype})")
 
-    def labels(self, indices=None) -> torch.Tensor:
-        return self.labels_ if indices is None else self.labels_[self._check_indices(indices)]
-
     def batch(self, indices):
         idx = self._check_indices(indices)
         x = self.data[idx]
@@ -558,9 +559,6 @@ class ImageFolder(_BatchedDataset):
     def __repr__(self):
         return (f"ImageFolder(root={self.root!r}, n={len(self)}, img_size={self.img_size}, "
                 f"num_classes={self.num_classes})")
-
-    def labels(self, indices=None) -> torch.Tensor:
-        return self.labels_ if indices is None else self.labels_[self._check_indices(indices)]
 
     def batch(self, indices):
         idx = self._check_indices(indices)

@@ -65,15 +65,15 @@ def run_demo(out="out/demo", n=256, steps=25, switches=(0.2, 0.4, 0.6), solver="
     shallow, deep = load_demo_pair(device)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, deep.in_channels, deep.img_size, deep.img_size, generator=gen)
-    labels = torch.randint(0, deep.null_class if deep.null_class is not None else deep.num_classes, (n,),
-                           generator=gen)
     modes = [("deep-only", 0.0)] + [(f"DuoDiff {s:g}", float(s)) for s in switches] + [("shallow-only", 1.0)]
 
     def sampler(s):
         return DuoSampler(shallow, deep, schedule=deep.schedule_spec, solver=solver, steps=steps, switch=s,
                           cfg_scale=cfg_scale, clip_sample=clip_sample if solver != "dpmsolver++" else None)
 
-    sampler(0.0).sample(noise=noise[:2], y=labels[:2])  # warm-up outside the clock
+    warm = sampler(0.0)
+    labels = torch.randint(0, warm.label_range(), (n,), generator=gen)
+    warm.sample(noise=noise[:2], y=labels[:2])  # warm-up outside the clock
     images, rows = {}, []
     bar = tqdm(modes, desc="demo", unit="mode", disable=not progress)
     for name, s in bar:

@@ -140,7 +140,7 @@ def sample_sharded(sampler, n: int, batch_size: int, seed: int, out_dir: str, ra
 
     Global batch `b` (samples `b*batch_size ...`) goes to rank `b % world` and is drawn from a CPU
     generator seeded by `batch_seed(seed, b)`: labels first (class-conditional samplers, uniform over
-    `sampler._label_range()`), then the sampler's noise. The shard holds 'indices' (int64 global
+    `sampler.label_range()`), then the sampler's noise. The shard holds 'indices' (int64 global
     indices), 'n', 'seconds', the samples as 'arr_0' (uint8 [N, H, W, C], images) or 'latents'
     (float32 [N, C, h, w]; `latent=None` guesses from the channel count) and 'labels' when conditional.
     Returns dict(path, count, seconds).
@@ -167,7 +167,7 @@ def sample_sharded(sampler, n: int, batch_size: int, seed: int, out_dir: str, ra
         start = b * batch_size
         size = min(batch_size, n - start)
         gen = torch.Generator(device="cpu").manual_seed(batch_seed(seed, b))
-        y = torch.randint(0, sampler._label_range(), (size,), generator=gen) if conditional else None
+        y = torch.randint(0, sampler.label_range(), (size,), generator=gen) if conditional else None
         t0 = time.perf_counter()
         x = sampler.sample(n=size, y=y, generator=gen)
         x = x.cpu()  # waits for the device, so the clock below covers the work

@@ -205,21 +205,22 @@ class DuoSampler:
         if self.num_classes > 0:
             if y is None:
                 gdev = generator.device if generator is not None else self.device
-                y = torch.randint(0, self._label_range(), (n,), generator=generator, device=gdev)
+                y = torch.randint(0, self.label_range(), (n,), generator=generator, device=gdev)
             y = torch.as_tensor(y)
             if y.dim() != 1 or y.shape[0] != n:
                 raise ValueError(f"DuoSampler.sample: y must be a 1-D tensor of {n} labels, got shape {tuple(y.shape)}")
             if y.is_floating_point() or y.dtype == torch.bool:
                 raise ValueError(f"DuoSampler.sample: y must hold integer class labels, got {y.dtype}")
-            if n and (int(y.min()) < 0 or int(y.max()) >= self._label_range()):
-                raise ValueError(f"DuoSampler.sample: labels must lie in [0, {self._label_range()}), "
+            if n and (int(y.min()) < 0 or int(y.max()) >= self.label_range()):
+                raise ValueError(f"DuoSampler.sample: labels must lie in [0, {self.label_range()}), "
                                  f"got min {int(y.min())} max {int(y.max())}")
             y = y.to(self.device, torch.long)
         elif y is not None:
             raise ValueError("DuoSampler.sample: y was given but the models are unconditional (num_classes=0)")
         return x, y
 
-    def _label_range(self):
+    def label_range(self) -> int:
+        """Real class labels are [0, label_range): the null class of guidance is not one of them."""
         # U-ViT's ImageNet models reserve their last class as the "no label" class for guidance.
         null = getattr(self.deep, "null_class", None)
         return null if null is not None and null < self.num_classes else self.num_classes
