@@ -1,4 +1,9 @@
-"""`duodiff-fast` command line: info, sample (and, as they land, train / eval / demo)."""
+"""`duodiff-fast` command line: info, sample, train, eval, demo (and the subcommands of later modules).
+
+User errors (a bad option, a missing file, an unwritable --out, inputs the library refuses) print one
+line, `duodiff-fast: error: ...`, and exit with status 2; set DUODIFF_DEBUG=1 to see the traceback.
+Arguments and the output folder are checked before any long work starts.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +12,29 @@ import os
 import sys
 import warnings
 
+from ._validate import argtype_float, argtype_int
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+PROG = "duodiff-fast"
+DEBUG_ENV = "DUODIFF_DEBUG"
+
+
+class CLIError(Exception):
+    """A user error found by a subcommand (printed as one line, exit status 2)."""
+
+
+def _one_line(text: str) -> str:
+    parts = [p.strip() for p in str(text).splitlines() if p.strip()]
+    return "; ".join(parts) if parts else "(no message)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `duodiff-fast: error: <message> (see duodiff-fast <cmd> --help)`."""
+
+    def error(self, message):
+        hint = f" (see {self.prog} --help)"
+        sys.stderr.write(f"{PROG}: error: {_one_line(message)}{hint}\n")
+        raise SystemExit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -18,15 +45,32 @@ def parse_switch(text: str):
     """'0.3' -> fraction of steps; 't=600' or an integer > 1 -> absolute timestep."""
     from .sampling import AtTimestep
     text = text.strip()
-    if text.startswith("t="):
-        return AtTimestep(float(text[2:]))
-    value = float(text)
+    try:
+        if text.startswith("t="):
+            value = float(text[2:])
+            if not value == value or value in (float("inf"), float("-inf")) or value < 0:
+                raise ValueError
+            return AtTimestep(value)
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"switch {text!r}: expected a fraction of the steps in [0, 1] "
+                                         "or an absolute timestep written t=600") from None
+    if not value == value or value < 0:
+        raise argparse.ArgumentTypeError(f"switch {text!r}: a fraction must lie in [0, 1]")
     if value > 1:
         if value != int(value):
             raise argparse.ArgumentTypeError(f"switch {text!r}: a fraction must lie in [0, 1]; "
                                              "an absolute timestep is written t=600")
         return AtTimestep(int(value))
     return value
+
+
+def parse_cfg(text: str):
+    """'--cfg 4.0' (diffusers' convention; >= 0), 'preset' (the preset's recommended scale) or 'off'."""
+    t = text.strip().lower()
+    if t in ("preset", "off", "none"):
+        return "preset" if t == "preset" else None
+    return argtype_float(minimum=0.0)(text)
 
 
 def build_model(spec: str, ckpt: str | None, device, dtype):
@@ -48,10 +92,13 @@ def _add_sampling_args(p):
     p.add_argument("--shallow-ckpt", default=None, help="checkpoint for the shallow model")
     p.add_argument("--switch", type=parse_switch, default=0.3,
                    help="fraction of steps on the shallow model (0 = deep only), or t=600 for a timestep")
-    p.add_argument("--solver", default="ddim", choices=["ddim", "ddpm", "dpmsolver++"])
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--solver", default="ddim", type=str.lower, choices=["ddim", "ddpm", "dpmsolver++"])
+    p.add_argument("--steps", type=argtype_int(1), default=50)
+    p.add_argument("--eta", type=argtype_float(0.0, 1.0), default=0.0, help="DDIM eta in [0, 1]")
+    p.add_argument("--cfg", type=parse_cfg, default="preset",
+                   help="classifier-free guidance scale in diffusers' convention (uncond + w (cond - uncond); "
+                        "upstream U-ViT's s is w - 1); default 'preset': the preset's recommended scale "
+                        "(`duodiff-fast info --presets`), none for presets without one; 'off' disables")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
 
@@ -68,8 +115,8 @@ def cmd_sample(args):
     import torch
 
     from .data import save_grid
-    from .distributed import (all_reduce_max, barrier, distributed_session, merge_shards, remove_shards,
-                              sample_sharded)
+    from .distributed import all_reduce_max, barrier, distributed_session
+    from .sampling.sharded import merge_shards, remove_shards, sample_sharded
     from .models.configs import SHALLOW_DEPTH, get_preset
     from .sampling import DuoSampler
 
@@ -79,8 +126,10 @@ def cmd_sample(args):
                 return get_preset(json.load(f))
         return get_preset(text)
 
+    from . import _io
+    deep_spec = spec_of(args.deep)
+    _io.check_writable_dir(args.out, "--out")  # before loading models or sampling anything
     with distributed_session(args.device) as (rank, world, device):
-        deep_spec = spec_of(args.deep)
         if args.shallow:
             shallow_spec, shallow_name = spec_of(args.shallow), args.shallow
         elif args.deep.endswith(".json") or os.path.isfile(args.deep):
@@ -97,8 +146,13 @@ def cmd_sample(args):
         deep = build_model(deep_spec, args.deep_ckpt, device, args.dtype)
         shallow = build_model(shallow_spec, args.shallow_ckpt, device, args.dtype)
         schedule = getattr(deep, "schedule_spec", None) or deep_spec["schedule"]
+        cfg = args.cfg
+        if cfg == "preset":
+            cfg = deep_spec.get("cfg_scale") if getattr(deep, "num_classes", 0) else None
+            if cfg is not None and rank == 0:
+                print(f"guidance: the preset's recommended cfg_scale {cfg:g} (--cfg off to disable)")
         sampler = DuoSampler(shallow, deep, schedule=schedule, solver=args.solver, steps=args.steps,
-                             switch=args.switch, cfg_scale=args.cfg, eta=args.eta)
+                             switch=args.switch, cfg_scale=cfg, eta=args.eta)
         latent = bool(deep_spec.get("latent", sampler.in_channels not in (1, 3)))
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
@@ -113,11 +167,10 @@ def cmd_sample(args):
         npz = merge_shards(args.out)
         meta = dict(deep=args.deep, shallow=shallow_name, switch=str(args.switch), shallow_steps=sampler.k,
                     steps=args.steps, solver=args.solver, n=args.n, batch_size=args.batch_size,
-                    seed=args.seed, cfg=args.cfg, seconds=seconds,
+                    seed=args.seed, cfg=sampler.cfg_scale, cfg_channels=sampler.cfg_channels, seconds=seconds,
                     images_per_s=args.n / seconds if seconds else None,
                     device=str(device), world_size=world)
-        with open(os.path.join(args.out, "samples.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        _io.write_json(os.path.join(args.out, "samples.json"), meta)
         rate = f"{args.n / seconds:.2f} images/s" if seconds else "n/a images/s"
         print(f"wrote {npz} ({args.n} samples, {sampler.k}/{args.steps} steps on the shallow model, "
               f"{rate} on {world} x {device.type})")
@@ -125,7 +178,8 @@ def cmd_sample(args):
             with np.load(npz) as z:
                 u8 = z["arr_0"][:64]
             grid = os.path.join(args.out, "grid.png")
-            save_grid(torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0, grid)
+            with _io.atomic_path(grid) as tmp:
+                save_grid(torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0, tmp)
             print(f"wrote {grid}")
         else:
             print("latent model: samples saved as latents (decode them with your VAE); no PNG grid")
@@ -140,8 +194,14 @@ def cmd_info(args):
     if args.presets:
         from .models import PRESETS
         for name, p in PRESETS.items():
+            cfg = p.get("cfg_scale")
+            guide = "cfg=-" if cfg is None else f"cfg={cfg:g}"
+            if cfg is not None and p.get("cfg_channels"):
+                guide += f"[{p['cfg_channels']}ch]"
             print(f"{name:32s} {p['family']:5s} time={p['time_convention']:9s} "
-                  f"schedule={p['schedule']['name']:14s} {p.get('description', '')}")
+                  f"schedule={p['schedule']['name']:14s} {guide:12s} {p.get('description', '')}")
+        print("\ncfg: recommended classifier-free guidance in diffusers' convention, uncond + w (cond - uncond) "
+              "(upstream U-ViT's s is w - 1); [3ch]: the official sampler guides the first 3 channels only")
         return 0
     from .info import main as info_main
     return info_main([])
@@ -152,7 +212,7 @@ def cmd_info(args):
 # -----------------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="duodiff-fast", description=__doc__)
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="versions, devices and the backend each op would use")
@@ -162,9 +222,9 @@ def build_parser():
     p = sub.add_parser("sample", help="sample with DuoSampler; writes samples.npz and grid.png")
     _add_sampling_args(p)
     # --num-samples: under torchrun, `--n` is taken as an ambiguous prefix of torchrun's own flags
-    p.add_argument("--n", "--num-samples", dest="n", type=int, default=16, help="number of samples")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", "--num-samples", dest="n", type=argtype_int(1), default=16, help="number of samples")
+    p.add_argument("--batch-size", type=argtype_int(1), default=16)
+    p.add_argument("--seed", type=argtype_int(0), default=0)
     p.add_argument("--out", default="out/samples")
     p.set_defaults(func=cmd_sample)
 
@@ -179,9 +239,33 @@ def build_parser():
     return parser
 
 
+# Exceptions that mean "the user asked for something that cannot be done", reported in one line.
+USER_ERRORS = (CLIError, ValueError, TypeError, KeyError, OSError, ImportError)
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyError) and e.args:
+        text = str(e.args[0])
+    elif isinstance(e, OSError) and e.filename and str(e.filename) not in str(e):
+        text = f"{e.strerror or e}: {e.filename}"
+    else:
+        text = str(e)
+    return _one_line(text or type(e).__name__)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        sys.stderr.write(f"{PROG}: error: {_message(e)}  ({DEBUG_ENV}=1 shows the traceback)\n")
+        return 2
 
 
 if __name__ == "__main__":

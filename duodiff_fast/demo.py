@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from . import _io
+from ._validate import argtype_float, argtype_int, check_float, check_int
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_FILES = {"deep": "demo_deep.safetensors", "shallow": "demo_shallow.safetensors"}
 
@@ -61,6 +64,15 @@ def run_demo(out="out/demo", n=256, steps=25, switches=(0.2, 0.4, 0.6), solver="
     from .proxy import ProxyClassifier
     from .sampling import DuoSampler
 
+    w = "demo"
+    n = check_int(n, "n", minimum=2, where=w)  # proxy FID needs two samples for a covariance
+    steps = check_int(steps, "steps", minimum=1, where=w)
+    batch_size = check_int(batch_size, "batch_size", minimum=1, where=w)
+    reference_n = check_int(reference_n, "reference_n", minimum=2, where=w)
+    switches = [check_float(v, "switches", minimum=0.0, maximum=1.0, where=w) for v in switches]
+    if cfg_scale is not None:
+        cfg_scale = check_float(cfg_scale, "cfg_scale", minimum=0.0, where=w)
+    _io.check_writable_dir(out, "--out")  # before a minute of sampling, not after
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shallow, deep = load_demo_pair(device)
     gen = torch.Generator().manual_seed(seed)
@@ -101,16 +113,13 @@ def run_demo(out="out/demo", n=256, steps=25, switches=(0.2, 0.4, 0.6), solver="
         r["proxy_fid"] = frechet_distance(*feature_statistics(clf.features(x)), *ref_stats)
         r["device"] = _device_name(device)
 
-    os.makedirs(out, exist_ok=True)
     _side_by_side(images, os.path.join(out, "side_by_side.png"), ncols=min(10, n))
     _speed_quality_plot(rows, os.path.join(out, "speed_quality.png"))
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(dict(rows=rows, solver=solver, steps=steps, n=n, seed=seed, cfg_scale=cfg_scale,
-                       clip_sample=clip_sample,
-                       reference_n=reference_n, deep_trained_steps=deep.trained_steps,
-                       shallow_trained_steps=shallow.trained_steps), f, indent=2)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown(rows) + "\n")
+    _io.write_json(os.path.join(out, "results.json"),
+                   dict(rows=rows, solver=solver, steps=steps, n=n, seed=seed, cfg_scale=cfg_scale,
+                        clip_sample=clip_sample, reference_n=reference_n, deep_trained_steps=deep.trained_steps,
+                        shallow_trained_steps=shallow.trained_steps))
+    _io.write_text(os.path.join(out, "results.md"), markdown(rows) + "\n")
     return rows
 
 
@@ -147,7 +156,7 @@ def _side_by_side(images, path, ncols):
     fig.suptitle("same noise and labels, per row: deep only, DuoDiff at switch points, shallow only",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _io.savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -170,7 +179,7 @@ def _speed_quality_plot(rows, path):
     b.set_ylabel("PSNR vs deep-only, same noise (dB)")
     fig.suptitle(f"DuoDiff on the demo pair ({rows[0]['device']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _io.savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -194,19 +203,30 @@ def cmd_demo(args):
     return 0
 
 
+def _switch_list(text):
+    import argparse
+    parse = argtype_float(0.0, 1.0)
+    try:
+        return [parse(v) for v in text.split(",") if v.strip()] or [0.4]
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"switches: {e}") from None
+
+
 def add_cli(sub):
     p = sub.add_parser("demo", help="deep-only vs DuoDiff with the shipped demo pair: grid, plot, speed-up, "
                                     "fidelity, proxy FID")
     p.add_argument("--out", default="out/demo")
-    p.add_argument("--n", "--num-samples", dest="n", type=int, default=256)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--switches", type=lambda s: [float(v) for v in s.split(",")], default=[0.2, 0.4, 0.6])
-    p.add_argument("--solver", default="ddim", choices=["ddim", "ddpm", "dpmsolver++"])
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--clip-sample", type=float, default=1.0,
+    p.add_argument("--n", "--num-samples", dest="n", type=argtype_int(2), default=256)
+    p.add_argument("--steps", type=argtype_int(1), default=25)
+    p.add_argument("--switches", type=_switch_list, default=[0.2, 0.4, 0.6],
+                   help="comma list of fractions of the steps in [0, 1] given to the shallow model")
+    p.add_argument("--solver", default="ddim", type=str.lower, choices=["ddim", "ddpm", "dpmsolver++"])
+    p.add_argument("--cfg", type=argtype_float(0.0), default=None,
+                   help="classifier-free guidance scale (diffusers' convention, >= 0)")
+    p.add_argument("--clip-sample", type=argtype_float(0.0), default=1.0,
                    help="clamp each step's x0 prediction to [-c, c] (ddim/ddpm; 0 = off), as DDPM does for pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reference-n", type=int, default=2000, help="held-out Shapes images for proxy FID")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=argtype_int(0), default=0)
+    p.add_argument("--reference-n", type=argtype_int(2), default=2000, help="held-out Shapes images for proxy FID")
+    p.add_argument("--batch-size", type=argtype_int(1), default=256)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo)

@@ -1,31 +1,21 @@
-"""Multi-process helpers: process-group setup under `torchrun`, and sharded sampling.
+"""Multi-process helpers: process-group setup under `torchrun`, collectives, and seeds.
 
 Training and sampling run unchanged under `torchrun --nproc_per_node N`: NCCL on CUDA, gloo on CPU
 (what the tests use). Without the torchrun environment everything is a single process (rank 0 of 1)
-and no process group is created.
-
-Sharded sampling is reproducible across process counts: the `n` samples are cut into fixed global
-batches of `batch_size`; batch `b` is drawn from a CPU generator seeded by `(seed, b)` alone (its
-labels first, then all of its noise), and rank `r` takes batches `r, r + world, ...`. So a sample's
-noise and label depend on `(seed, batch_size, its index)` only, never on the number of ranks, and 1,
-2 or 8 processes write exactly the same samples. Each rank writes `shard_{rank:03d}.npz` with the
-global indices of its samples; `merge_shards` joins them in index order into `samples.npz`.
+and no process group is created. Sampling to disk, one shard per rank, lives in
+`duodiff_fast.sampling.sharded`.
 """
 from __future__ import annotations
 
-import glob
 import os
-import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 __all__ = ["init_distributed", "distributed_session", "is_main", "get_rank", "get_world_size", "barrier",
-           "cleanup_distributed", "all_reduce_max",
-           "batch_seed", "sample_sharded", "merge_shards", "SHARD_PATTERN"]
+           "cleanup_distributed", "all_reduce_max", "batch_seed"]
 
-SHARD_PATTERN = "shard_{rank:03d}.npz"
 _OWNED = False  # True when init_distributed created the process group (so cleanup may destroy it)
 
 
@@ -118,7 +108,7 @@ def all_reduce_max(value: float, device) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Sharded sampling
+# Seeds
 # -----------------------------------------------------------------------------
 
 def batch_seed(seed: int, index: int) -> int:
@@ -126,120 +116,3 @@ def batch_seed(seed: int, index: int) -> int:
     `seed * K + index`."""
     a, b = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(index)]).generate_state(2, np.uint32)
     return ((int(a) << 32) | int(b)) & 0x7FFFFFFFFFFFFFFF
-
-
-def _is_latent(sampler, latent):
-    if latent is not None:
-        return bool(latent)
-    return sampler.in_channels not in (1, 3)
-
-
-def sample_sharded(sampler, n: int, batch_size: int, seed: int, out_dir: str, rank: int = 0, world: int = 1,
-                   progress: bool = True, latent: bool | None = None) -> dict:
-    """Draw this rank's share of `n` samples with `sampler` and write `out_dir/shard_{rank:03d}.npz`.
-
-    Global batch `b` (samples `b*batch_size ...`) goes to rank `b % world` and is drawn from a CPU
-    generator seeded by `batch_seed(seed, b)`: labels first (class-conditional samplers, uniform over
-    `sampler.label_range()`), then the sampler's noise. The shard holds 'indices' (int64 global
-    indices), 'n', 'seconds', the samples as 'arr_0' (uint8 [N, H, W, C], images) or 'latents'
-    (float32 [N, C, h, w]; `latent=None` guesses from the channel count) and 'labels' when conditional.
-    Returns dict(path, count, seconds).
-    """
-    from .data import to_uint8
-
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"sample_sharded: need n >= 1 and batch_size >= 1, got n={n}, "
-                         f"batch_size={batch_size}")
-    if not 0 <= rank < world:
-        raise ValueError(f"sample_sharded: rank {rank} outside [0, {world})")
-    latent = _is_latent(sampler, latent)
-    nb = (n + batch_size - 1) // batch_size
-    mine = list(range(rank, nb, world))
-    count = sum(min(batch_size, n - b * batch_size) for b in mine)
-    conditional = sampler.num_classes > 0
-    xs, ys, idx, seconds = [], [], [], 0.0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        desc = f"sampling rank {rank}/{world} ({sampler.k}/{sampler.steps} shallow steps)"
-        bar = tqdm(total=count, desc=desc, unit="img", disable=rank != 0)
-    for b in mine:
-        start = b * batch_size
-        size = min(batch_size, n - start)
-        gen = torch.Generator(device="cpu").manual_seed(batch_seed(seed, b))
-        y = torch.randint(0, sampler.label_range(), (size,), generator=gen) if conditional else None
-        t0 = time.perf_counter()
-        x = sampler.sample(n=size, y=y, generator=gen)
-        x = x.cpu()  # waits for the device, so the clock below covers the work
-        seconds += time.perf_counter() - t0
-        xs.append(x.numpy().astype(np.float32) if latent else to_uint8(x))
-        if conditional:
-            ys.append(y.numpy().astype(np.int64))
-        idx.append(np.arange(start, start + size, dtype=np.int64))
-        if bar is not None:
-            bar.update(size)
-    if bar is not None:
-        bar.close()
-    C, S = sampler.in_channels, sampler.img_size
-    empty = np.zeros((0, C, S, S), np.float32) if latent else np.zeros((0, S, S, C), np.uint8)
-    arrays = {"latents" if latent else "arr_0": np.concatenate(xs) if xs else empty,
-              "indices": np.concatenate(idx) if idx else np.zeros(0, np.int64),
-              "n": np.int64(n), "seconds": np.float64(seconds)}
-    if conditional:
-        arrays["labels"] = np.concatenate(ys) if ys else np.zeros(0, np.int64)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, SHARD_PATTERN.format(rank=rank))
-    tmp = path + ".tmp.npz"  # np.savez appends .npz to names without it
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # a reader never sees a half-written shard
-    return dict(path=path, count=count, seconds=seconds)
-
-
-def list_shards(out_dir: str) -> list:
-    return sorted(glob.glob(os.path.join(out_dir, "shard_[0-9][0-9][0-9].npz")))
-
-
-def remove_shards(out_dir: str):
-    """Delete shard files left in `out_dir` (by an earlier, possibly larger, run)."""
-    for p in list_shards(out_dir):
-        os.remove(p)
-
-
-def merge_shards(out_dir: str, cleanup: bool = True, name: str = "samples.npz") -> str:
-    """Join `out_dir/shard_*.npz` in global index order into `out_dir/samples.npz` ('arr_0' or
-    'latents', plus 'labels' when present). Raises if an index is missing or duplicated, or shards
-    disagree on `n`. Deletes the shards afterwards when `cleanup`. Returns the path written."""
-    paths = list_shards(out_dir)
-    if not paths:
-        raise FileNotFoundError(f"merge_shards: no shard_*.npz in {out_dir}")
-    parts = []
-    for p in paths:
-        with np.load(p, allow_pickle=False) as z:
-            parts.append({k: z[k] for k in z.files})
-    ns = {int(p["n"]) for p in parts}
-    if len(ns) != 1:
-        raise ValueError(f"merge_shards: shards in {out_dir} disagree on n ({sorted(ns)}); stale shards from "
-                         "another run? remove them and sample again")
-    n = ns.pop()
-    key = "latents" if "latents" in parts[0] else "arr_0"
-    if any(key not in p for p in parts):
-        raise ValueError(f"merge_shards: shards in {out_dir} mix image and latent samples")
-    idx = np.concatenate([p["indices"] for p in parts])
-    counts = np.bincount(idx, minlength=n) if idx.size else np.zeros(n, np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise ValueError(f"merge_shards: indices outside [0, {n}) in {out_dir}")
-    missing, dup = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
-    if missing.size or dup.size:
-        raise ValueError(f"merge_shards: {out_dir} has {missing.size} missing samples (first "
-                         f"{missing[:5].tolist()}) and {dup.size} duplicated (first {dup[:5].tolist()}) "
-                         f"out of n={n}; did every rank finish?")
-    order = np.argsort(idx, kind="stable")
-    out = {key: np.concatenate([p[key] for p in parts])[order]}
-    if "labels" in parts[0]:
-        out["labels"] = np.concatenate([p["labels"] for p in parts])[order]
-    path = os.path.join(out_dir, name)
-    np.savez(path, **out)
-    if cleanup:
-        for p in paths:
-            os.remove(p)
-    return path

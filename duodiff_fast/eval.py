@@ -32,6 +32,7 @@ import warnings
 import numpy as np
 import torch
 
+from . import _io
 from .proxy import ProxyClassifier, as_float_images
 
 __all__ = [
@@ -271,8 +272,7 @@ def _reference_features(reference, n: int, extract, tag: str, cache_dir: str | N
         images = load_images(reference)
     feats = extract(images)
     if cacheable:
-        os.makedirs(cache_dir, exist_ok=True)
-        np.savez(path, features=feats.numpy(), reference=str(reference), tag=tag)
+        _io.savez(path, features=feats.numpy(), reference=str(reference), tag=tag)
     return feats
 
 
@@ -446,20 +446,25 @@ def cmd_eval(args) -> int:
         metrics = (["fidelity"] if args.reference else []) + ["proxy_fid", "proxy_kid"]
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        raise SystemExit(f"duodiff-fast eval: unknown metric(s) {unknown}; choose from {','.join(METRICS)}")
+        raise ValueError(f"eval: unknown metric(s) {unknown}; choose from {','.join(METRICS)}")
     if "fidelity" in metrics and not args.reference:
-        raise SystemExit("duodiff-fast eval: fidelity needs --reference: deep-only samples from the same "
+        raise ValueError("eval: fidelity needs --reference: deep-only samples from the same "
                          "noise (`duodiff-fast sample --switch 0` with the same --seed and --n)")
     dist_ref = args.reference_data or args.reference
     if any(m != "fidelity" for m in metrics) and dist_ref is None:
-        raise SystemExit("duodiff-fast eval: proxy_fid/proxy_kid/fid/kid need --reference-data (e.g. shapes) "
+        raise ValueError("eval: proxy_fid/proxy_kid/fid/kid need --reference-data (e.g. shapes) "
                          "or --reference PATH.npz")
     if ("fid" in metrics or "kid" in metrics):
         try:
             _check_inception_weights(args.inception_weights)
         except FileNotFoundError as e:
-            raise SystemExit(f"duodiff-fast eval: {e}") from None
+            raise FileNotFoundError(f"eval: {e}") from None
 
+    for path in list(args.samples) + ([args.reference] if args.reference else []):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"eval: no such samples file: {path}")
+    if args.out:
+        _io.check_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Feature extractors and reference features once, shared by every --samples file.
     extractors = {}
@@ -498,9 +503,7 @@ def cmd_eval(args) -> int:
     if args.out:
         out = dict(reference=args.reference, reference_data=args.reference_data, metrics=metrics, rows=rows,
                    proxy_classifier=dict(clf.meta) if "proxy" in extractors else None)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)  # inf PSNR (identical images) is written as Infinity
+        _io.write_json(args.out, out)  # inf PSNR (identical images) is written as Infinity
         print(f"wrote {args.out}")
     return 0
 

@@ -46,7 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _io
 from . import distributed as ddist
+from ._validate import ArgumentError, check_choice, check_float, check_int, describe
 
 __all__ = ["TrainConfig", "train", "add_cli", "init_from_deep", "block_mapping", "EMA", "WarmupCosine",
            "resolve_spec", "latest_checkpoint"]
@@ -82,6 +84,7 @@ class TrainConfig:
     precision: str = "auto"                   # 'auto' (bf16 autocast on CUDA, fp32 on CPU) | 'bf16' | 'fp32'
     seed: int = 0
     resume: str | None = None                 # 'latest' (newest in out/checkpoints, if any) or a path
+    overwrite: bool = False                   # out already holds a run: delete its files and start over
     init_from_deep: str | None = None         # checkpoint of a trained deep model (shallow companions)
     stop_at: int | None = None                # stop after this step (as if preempted); the LR schedule
                                               # still spans `steps`
@@ -99,6 +102,49 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+    def validate(self) -> "TrainConfig":
+        """Check every field (named in the error, with its value) before any work starts; returns self."""
+        w = "train"
+        ci, cf = check_int, check_float
+        ci(self.steps, "steps", minimum=1, where=w)
+        ci(self.batch_size, "batch_size", minimum=1, where=w)
+        cf(self.lr, "lr", minimum=0.0, where=w)  # 0 is allowed: it freezes the weights (tests use it)
+        cf(self.min_lr, "min_lr", minimum=0.0, maximum=float(self.lr), where=w)
+        if self.warmup_steps is not None:
+            ci(self.warmup_steps, "warmup_steps", minimum=0, where=w)
+        cf(self.weight_decay, "weight_decay", minimum=0.0, where=w)
+        betas = self.betas
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise ArgumentError(f"{w}: betas must be two numbers (beta1, beta2) in [0, 1), got {describe(betas)}")
+        for i, b in enumerate(betas):
+            v = cf(b, f"betas[{i}]", minimum=0.0, maximum=1.0, where=w)
+            if v >= 1.0:
+                raise ArgumentError(f"{w}: betas[{i}] must be < 1, got {v:g}")
+        cf(self.grad_clip, "grad_clip", minimum=0.0, where=w)
+        cf(self.ema_decay, "ema_decay", minimum=0.0, maximum=1.0, where=w)
+        v = cf(self.label_dropout, "label_dropout", minimum=0.0, maximum=1.0, where=w)
+        if v >= 1.0:
+            raise ArgumentError(f"{w}: label_dropout must be < 1 (1 would never show a label), got {v:g}")
+        check_choice(self.precision, "precision", ("auto", "bf16", "fp32"), where=w, case_insensitive=False)
+        ci(self.seed, "seed", minimum=0, where=w)
+        if self.stop_at is not None:
+            ci(self.stop_at, "stop_at", minimum=0, where=w)
+        ci(self.ckpt_every, "ckpt_every", minimum=0, where=w)
+        ci(self.keep_checkpoints, "keep_checkpoints", minimum=0, where=w)
+        ci(self.sample_every, "sample_every", minimum=0, where=w)
+        ci(self.sample_n, "sample_n", minimum=1, where=w)
+        ci(self.sample_steps, "sample_steps", minimum=1, where=w)
+        ci(self.log_every, "log_every", minimum=1, where=w)
+        ci(self.num_workers, "num_workers", minimum=0, where=w)
+        if not isinstance(self.out, (str, os.PathLike)) or not os.fspath(self.out):
+            raise ArgumentError(f"{w}: out must be a folder path, got {describe(self.out)}")
+        if self.resume and self.overwrite:
+            raise ArgumentError(f"{w}: resume and overwrite exclude each other (continue the run in "
+                                f"{os.fspath(self.out)!r}, or delete it and start over)")
+        if not isinstance(self.data_kwargs, dict):
+            raise ArgumentError(f"{w}: data_kwargs must be a dict, got {describe(self.data_kwargs)}")
+        return self
 
 
 # -----------------------------------------------------------------------------
@@ -351,31 +397,128 @@ def _gather_rng(device, world) -> list | None:
     return out
 
 
+_CKPT_NAME = re.compile(r"step_(\d+)\.pt")
+
+
+def list_checkpoints(path: str) -> list:
+    """`step_*.pt` files in `path` or `path/checkpoints`, oldest first (by step number)."""
+    for d in (os.path.join(path, CKPT_DIR), path):
+        if os.path.isdir(d):
+            found = [(int(m.group(1)), f) for f in os.listdir(d) if (m := _CKPT_NAME.fullmatch(f))]
+            if found:
+                return [os.path.join(d, f) for _, f in sorted(found)]
+    return []
+
+
 def latest_checkpoint(path: str) -> str | None:
     """The newest `step_*.pt` in `path` or `path/checkpoints` (None when there is none); a file is
     returned as is."""
     if os.path.isfile(path):
         return path
-    for d in (os.path.join(path, CKPT_DIR), path):
-        if os.path.isdir(d):
-            found = sorted(f for f in os.listdir(d) if re.fullmatch(r"step_\d+\.pt", f))
-            if found:
-                return os.path.join(d, found[-1])
-    return None
+    found = list_checkpoints(path)
+    return found[-1] if found else None
+
+
+def load_intact_checkpoint(path: str, warn=True):
+    """(path, checkpoint dict) of the newest checkpoint that loads, in `path` (a run folder or a file).
+
+    A damaged newest checkpoint (truncated by a crash, or corrupted) is named in a warning and the
+    previous one is tried. Raises FileNotFoundError when there is none, ValueError when none loads."""
+    if os.path.isfile(path):
+        candidates = [path]
+    else:
+        candidates = list_checkpoints(path)[::-1]
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint (checkpoints/step_*.pt) in {path}")
+    errors = []
+    for c in candidates:
+        try:
+            ck = torch.load(c, map_location="cpu", weights_only=True)
+            if not isinstance(ck, dict) or not {"model", "ema", "step"} <= set(ck):
+                raise ValueError("not a duodiff-fast training checkpoint (no model/ema/step)")
+            return c, ck
+        except Exception as e:  # noqa: BLE001 -- any unreadable file: say which, try the previous one
+            errors.append(f"{c}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            if warn and c != candidates[-1]:
+                warnings.warn(f"checkpoint {c} is damaged or unreadable ({errors[-1].split(': ', 1)[1]}); "
+                              "resuming from the previous one", RuntimeWarning, stacklevel=2)
+    raise ValueError("no readable checkpoint:\n  " + "\n  ".join(errors))
+
+
+# Files a run writes into its folder (relative to it): what marks a folder as holding a run, and what
+# --overwrite deletes. Nothing else in the folder is touched.
+RUN_FILES = ("ema.safetensors", "model.json", "config.json", "log.jsonl")
+
+
+def run_contents(out: str) -> list:
+    """The run files present in `out` (checkpoints, export, spec, config, log, sample grids)."""
+    found = [os.path.join(out, f) for f in RUN_FILES if os.path.isfile(os.path.join(out, f))]
+    found += list_checkpoints(out) if os.path.isdir(os.path.join(out, CKPT_DIR)) else []
+    sdir = os.path.join(out, "samples")
+    if os.path.isdir(sdir):
+        found += sorted(os.path.join(sdir, f) for f in os.listdir(sdir) if re.fullmatch(r"step_\d+\.png", f))
+    return found
+
+
+def _describe_run(files: list, out: str) -> str:
+    ckpts = [f for f in files if _CKPT_NAME.fullmatch(os.path.basename(f))]
+    other = [os.path.relpath(f, out) for f in files if f not in ckpts]
+    parts = []
+    if ckpts:
+        steps = [int(_CKPT_NAME.fullmatch(os.path.basename(c)).group(1)) for c in ckpts]
+        parts.append(f"{len(ckpts)} checkpoint(s), newest at step {max(steps)}")
+    if other:
+        parts.append(", ".join(other[:6]) + (" ..." if len(other) > 6 else ""))
+    return "; ".join(parts)
+
+
+def _truncate_log(path: str, step: int):
+    """Keep the log lines of steps <= `step` (atomically); unreadable lines are dropped too."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if int(json.loads(line)["step"]) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    _io.write_text(path, "".join(keep))
 
 
 def _atomic_torch_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
+    _io.torch_save(obj, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
 
 
-def _prune(ckpt_dir: str, keep: int):
+def _prune(own: list, keep: int):
+    """Delete the oldest of this run's own checkpoints (`own`, oldest first) beyond `keep`."""
     if keep <= 0:
         return
-    found = sorted(f for f in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d+\.pt", f))
-    for f in found[:-keep]:
-        os.remove(os.path.join(ckpt_dir, f))
+    while len(own) > keep:
+        victim = own.pop(0)
+        if os.path.exists(victim):
+            os.remove(victim)
+
+
+def _export_ok(path: str, step: int) -> bool:
+    """Whether `path` is a readable EMA export of `step`."""
+    try:
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                f.get_tensor(k)
+        return int(meta.get("step", -1)) == int(step)
+    except Exception:  # noqa: BLE001 -- missing, truncated, not safetensors: all mean "rewrite it"
+        return False
+
+
+def _export_ema(ema_model, path, spec, step):
+    meta = {"format": "duodiff-fast", "weights": "ema", "spec": json.dumps(spec), "step": step,
+            "preset": spec.get("preset", "")}
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in ema_model.state_dict().items()}
+    _io.save_safetensors_dict(sd, path, metadata=meta)
 
 
 # -----------------------------------------------------------------------------
@@ -475,7 +618,8 @@ def _sample_grid(model, schedule, path, n, steps, seed):
     x = sampler.sample(n=n, generator=torch.Generator().manual_seed(seed))  # (n, C, H, W)
     if x.shape[1] not in (1, 3):
         return None  # latents: no pixels to show without a VAE
-    save_grid(x, path)
+    with _io.atomic_path(path) as tmp:
+        save_grid(x, tmp)
     return path
 
 
@@ -495,15 +639,30 @@ def train(cfg: TrainConfig) -> dict:
         return _train(cfg, rank, world, device, rank == 0, get_dataset, create_model, save_safetensors)
 
 
-def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safetensors):
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by the {world} processes")
-    if cfg.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
-    spec, schedule = _effective_spec(cfg, resolve_spec(cfg.model))
-    out, ckpt_dir = cfg.out, os.path.join(cfg.out, CKPT_DIR)
+def _prepare_run_folder(cfg, out, main, world):
+    """Refuse an occupied run folder unless told to continue (--resume) or start over (--overwrite)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ArgumentError(f"train: out {out!r} exists and is not a folder")
+    existing = run_contents(out) if os.path.isdir(out) else []
+    if existing and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(
+            f"train: {out!r} already holds a training run ({_describe_run(existing, out)}); pass --resume to "
+            f"continue it, or --overwrite to delete that run's files and start over (or pick another --out)")
     if main:
-        os.makedirs(ckpt_dir, exist_ok=True)
+        if existing and cfg.overwrite:
+            for f in existing:
+                os.remove(f)
+        _io.check_writable_dir(os.path.join(out, CKPT_DIR), "train --out")
+    ddist.barrier()
+
+
+def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safetensors):
+    cfg.validate()
+    if cfg.batch_size % world:
+        raise ArgumentError(f"batch_size {cfg.batch_size} (global) is not divisible by the {world} processes")
+    spec, schedule = _effective_spec(cfg, resolve_spec(cfg.model))
+    out, ckpt_dir = os.fspath(cfg.out), os.path.join(os.fspath(cfg.out), CKPT_DIR)
+    _prepare_run_folder(cfg, out, main, world)
 
     # Same initial weights on every rank (DDP also broadcasts rank 0's), then rank-distinct global streams.
     random.seed(cfg.seed)
@@ -518,11 +677,23 @@ def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safet
     batcher = _Batch(model, schedule, spec, dataset, cfg, device)
 
     copied = None
-    resume_path = None
+    resume_path, ck = None, None
     if cfg.resume:
-        resume_path = latest_checkpoint(out if cfg.resume in ("latest", "auto") else cfg.resume)
-        if resume_path is None and cfg.resume not in ("latest", "auto"):
-            raise FileNotFoundError(f"--resume {cfg.resume}: no checkpoint found")
+        where = out if cfg.resume in ("latest", "auto") else os.fspath(cfg.resume)
+        try:
+            resume_path, ck = load_intact_checkpoint(where, warn=main)
+        except FileNotFoundError:
+            if cfg.resume not in ("latest", "auto"):
+                raise FileNotFoundError(f"--resume {cfg.resume}: no checkpoint found") from None
+            if main:
+                warnings.warn(f"--resume: no checkpoint in {out}: starting from step 0", stacklevel=2)
+        if ck is not None and ck.get("spec") is not None:
+            old = {k: v for k, v in ck["spec"].items() if k != "preset"}
+            new = {k: v for k, v in spec.items() if k != "preset"}
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise ArgumentError(f"--resume {resume_path}: that run trained another model (spec differs in "
+                                    f"{', '.join(diff)}); resume with the same --model, or start a new --out")
     if cfg.init_from_deep and resume_path is None:
         copied = len(init_from_deep(model, cfg.init_from_deep)["copied"])
 
@@ -535,7 +706,6 @@ def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safet
 
     start, rng_states = 0, None
     if resume_path is not None:
-        ck = torch.load(resume_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ck["model"])
         ema.model.load_state_dict(ck["ema"])
         ema.load_state_dict(ck["ema_state"])
@@ -575,12 +745,20 @@ def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safet
 
     paths = dict(out=out, spec=os.path.join(out, "model.json"), log=os.path.join(out, "log.jsonl"),
                  safetensors=os.path.join(out, "ema.safetensors"), checkpoint=resume_path, grids=[])
+    # Checkpoints this run may prune: the ones it resumed from (its own history) and the ones it writes.
+    own_ckpts = [c for c in list_checkpoints(out) if resume_path is not None
+                 and int(_CKPT_NAME.fullmatch(os.path.basename(c)).group(1)) <= start]
     if main:
-        with open(paths["spec"], "w") as f:
-            json.dump(spec, f, indent=2)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(dict(cfg.to_dict(), world_size=world, precision=precision, warmup_steps=warmup,
-                           effective_spec=spec, copied_from_deep=copied), f, indent=2)
+        _io.write_json(paths["spec"], spec)
+        _io.write_json(os.path.join(out, "config.json"),
+                       dict(cfg.to_dict(), world_size=world, precision=precision, warmup_steps=warmup,
+                            effective_spec=spec, copied_from_deep=copied))
+        if resume_path is not None:
+            # Log lines past the checkpoint come from steps about to be redone: drop them.
+            _truncate_log(paths["log"], start)
+            if not _export_ok(paths["safetensors"], start):
+                # Missing, truncated or stale export of a resumed run: rewrite it from the checkpoint.
+                _export_ema(ema.model, paths["safetensors"], spec, start)
 
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (main and cfg.progress),
@@ -598,10 +776,10 @@ def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safet
                                 ema_state=ema.state_dict(), optimizer=opt.state_dict(),
                                 scheduler=sched.state_dict(), rng=rng, world_size=world, config=cfg.to_dict(),
                                 spec=spec), path)
-        _prune(ckpt_dir, cfg.keep_checkpoints)
-        meta = {"format": "duodiff-fast", "weights": "ema", "spec": json.dumps(spec), "step": step,
-                "preset": spec.get("preset", "")}
-        save_safetensors(ema.model, paths["safetensors"], metadata=meta)
+        if path not in own_ckpts:
+            own_ckpts.append(path)
+        _prune(own_ckpts, cfg.keep_checkpoints)
+        _export_ema(ema.model, paths["safetensors"], spec, step)
         paths["checkpoint"] = path
 
     log_mode = "a" if resume_path is not None else "w"  # a fresh run does not extend an old log
@@ -669,6 +847,7 @@ def cmd_train(args) -> int:
         grad_clip=args.grad_clip,
         ema_decay=args.ema_decay, label_dropout=args.label_dropout, schedule=args.schedule,
         time_convention=args.time_convention, precision=args.precision, seed=args.seed, resume=args.resume,
+        overwrite=args.overwrite,
         init_from_deep=args.init_from_deep, stop_at=args.stop_at, ckpt_every=args.ckpt_every,
         keep_checkpoints=args.keep_checkpoints, sample_every=args.sample_every, sample_n=args.sample_n,
         sample_steps=args.sample_steps, log_every=args.log_every, num_workers=args.num_workers,
@@ -710,6 +889,9 @@ def add_cli(subparsers):
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from PATH (file or run folder), or with no PATH from the newest "
                         "checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out already holds a run: delete that run's files (checkpoints, export, log, "
+                        "grids) and start over; without it (or --resume) an occupied --out is refused")
     p.add_argument("--init-from-deep", default=None, metavar="PATH",
                    help="initialise a shallow model from a trained deep checkpoint (mapped blocks, "
                         "embeddings, head)")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from duodiff_fast.distributed import batch_seed, merge_shards, sample_sharded
+from duodiff_fast.distributed import batch_seed
+from duodiff_fast.sampling.sharded import merge_shards, sample_sharded
 from duodiff_fast.models import create_model
 from duodiff_fast.sampling import DuoSampler
 

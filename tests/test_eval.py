@@ -216,7 +216,7 @@ def test_eval_cli_on_npz_files(tmp_path, capsys):
 
 def test_eval_cli_rejects_fidelity_without_reference(tmp_path):
     np.savez(tmp_path / "s.npz", arr_0=np.full((4, 8, 8, 3), 7, np.uint8))
-    with pytest.raises(SystemExit, match="--reference"):
+    with pytest.raises(ValueError, match="--reference"):
         _run_cli(["eval", "--samples", str(tmp_path / "s.npz"), "--metrics", "fidelity"])
 
 
@@ -233,7 +233,7 @@ def test_missing_inception_weights_error_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="none was given"):
         fid_kid(x, x, inception_weights=None)
     np.savez(tmp_path / "s.npz", arr_0=np.full((4, 8, 8, 3), 7, np.uint8))
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         _run_cli(["eval", "--samples", str(tmp_path / "s.npz"), "--reference-data", "shapes",
                   "--metrics", "fid", "--inception-weights", str(missing)])
 

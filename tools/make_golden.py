@@ -6,6 +6,8 @@ every parameter (zero-initialised ones included) set to random values, in float3
   tests/fixtures/uvit_<case>.pt, dit_<case>.pt   config, state_dict, inputs, outputs
   tests/fixtures/official_keys.json               official kwargs + state_dict (key, shape) of every
                                                   full preset and its 3-block companion
+  tests/fixtures/guidance.pt                      one guided eps per family, as each official sampler
+                                                  guides (`--only guidance` writes just this file)
 Nothing of the official code is copied into the project; only its outputs are stored.
 
 Requirements beyond the project's: einops (U-ViT) and timm (DiT imports PatchEmbed/Attention/Mlp from
@@ -217,6 +219,42 @@ def make_dit_fixtures(off, gen):
                                     out=out, out_cfg=out_cfg))
 
 
+def make_guidance_fixture(uvit_off, dit_off, gen):
+    """tests/fixtures/guidance.pt: one guided eps per family, the way each official sampler guides.
+
+    DiT (`sample.py`): `forward_with_cfg` on [x, x] at one timestep for the whole batch, labels then null
+    labels, cfg-scale w; it guides the first 3 channels only. U-ViT (`eval_ldm.py` / `eval.py`):
+    `cond + s * (cond - uncond)` over every channel, with the null label num_classes - 1 (1000 of 1001).
+    """
+    out = {}
+    kw = DIT_CASES["sigma_null"]
+    dit = dit_off.DiT(**kw).eval()
+    randomize(dit, gen)
+    B, s = 3, kw["input_size"]
+    x = torch.randn(B, kw["in_channels"], s, s, generator=gen)
+    t = torch.full((2 * B,), 617)  # official sample.py: one timestep for the whole (doubled) batch
+    y = torch.randint(0, kw["num_classes"], (B,), generator=gen)
+    y_cfg = torch.cat([y, torch.full((B,), kw["num_classes"])])
+    w = 3.0
+    with torch.no_grad():
+        eps_cfg = dit.forward_with_cfg(torch.cat([x, x]), t, y_cfg, w)[:B, : kw["in_channels"]]
+    out["dit"] = dict(config=kw, state_dict=dit.state_dict(), x=x, t=617, y=y, cfg_scale=w, eps=eps_cfg)
+    kw = UVIT_CASES["cond_mlp_noconv"]
+    uvit = uvit_off.UViT(**kw).eval()
+    randomize(uvit, gen)
+    B, s = 3, kw["img_size"]
+    x = torch.randn(B, kw["in_chans"], s, s, generator=gen)
+    t = torch.full((B,), 0.37 * 999)
+    y = torch.randint(0, kw["num_classes"] - 1, (B,), generator=gen)
+    scale = 0.4  # upstream's s; diffusers' w = 1 + s
+    with torch.no_grad():
+        cond = uvit(x, t, y=y)
+        uncond = uvit(x, t, y=torch.full_like(y, kw["num_classes"] - 1))
+    out["uvit"] = dict(config=kw, state_dict=uvit.state_dict(), x=x, t=0.37 * 999, y=y, upstream_scale=scale,
+                       eps=cond + scale * (cond - uncond))
+    save("guidance.pt", out)
+
+
 def save(name, obj):
     path = os.path.join(FIXTURES, name)
     torch.save(obj, path)
@@ -276,6 +314,8 @@ def main():
     ap.add_argument("--dit-repo", default="/work/.mirror/facebookresearch+DiT/repo")
     ap.add_argument("--timm-path", default=None, help="folder holding the timm package, if not installed")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=["guidance"], default=None,
+                    help="write only this fixture (the others keep their bytes)")
     args = ap.parse_args()
     os.makedirs(FIXTURES, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -283,6 +323,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         uvit_off = import_official_uvit(args.uvit_repo, tmp)
         dit_off, timm_version = import_official_dit(args.dit_repo, tmp, args.timm_path)
+        if args.only == "guidance":
+            make_guidance_fixture(uvit_off, dit_off, torch.Generator().manual_seed(args.seed + 1))
+            return
         make_uvit_fixtures(uvit_off, gen)
         make_dit_fixtures(dit_off, gen)
         make_key_json(uvit_off, dit_off, args.uvit_repo, args.dit_repo, timm_version)

@@ -9,7 +9,11 @@ A preset is a dict:
   latent          True when the model works on SD KL-f8 VAE latents (scaled by latent_scale)
   description     one line
 and optionally null_class (overrides the class default; None = no unconditional label), latent_scale
-(VAE latent scaling) and, on companions, shallow_of (the deep preset's name).
+(VAE latent scaling), cfg_scale (the recommended classifier-free guidance scale, always in diffusers'
+convention `uncond + w (cond - uncond)`: upstream U-ViT writes `cond + s (cond - uncond)`, i.e.
+w = 1 + s, so its ImageNet-256 s=0.4 is 1.4 here), cfg_channels (how many leading output channels the
+family's official sampler guides: DiT's `forward_with_cfg` guides 3 of its 4 latent channels, U-ViT all:
+None) and, on companions, shallow_of (the deep preset's name).
 `<name>_shallow` has the same width/heads/patch and 3 blocks (U-ViT depth=3: 1 in, mid, 1 out).
 
 Not included: the MS-COCO text-to-image U-ViT (libs/uvit_t2i.py), a different architecture (CLIP text
@@ -56,18 +60,25 @@ _UVIT = [
      "U-ViT-M/4, ImageNet 64x64 class-conditional (configs/imagenet64_uvit_mid.py)"),
     ("uvit_imagenet64_large", _uvit(64, 4, 1024, 20, 16, 1000), "cont999", VPSDE, False, {"null_class": None},
      "U-ViT-L/4, ImageNet 64x64 class-conditional (configs/imagenet64_uvit_large.py)"),
-    # 1001 labels, label 1000 = unconditional; official guidance is cond + s * (cond - uncond).
-    ("uvit_imagenet256_large", _uvit(32, 2, 1024, 20, 16, 1001, in_chans=4), "cont999", VPSDE, True, {},
-     "U-ViT-L/2, ImageNet 256 latent 4x32x32, continuous VP-SDE (train_ldm.py), CFG s=0.4"),
+    # 1001 labels, label 1000 = unconditional. Upstream guides with cond + s (cond - uncond), s=0.4 at 256
+    # and 0.7 at 512 (configs/imagenet{256,512}_uvit_*.py): w = 1 + s in our (diffusers') convention.
+    ("uvit_imagenet256_large", _uvit(32, 2, 1024, 20, 16, 1001, in_chans=4), "cont999", VPSDE, True,
+     {"cfg_scale": 1.4},
+     "U-ViT-L/2, ImageNet 256 latent 4x32x32, continuous VP-SDE (train_ldm.py), guidance 1.4 (upstream s=0.4)"),
     ("uvit_imagenet256_huge", _uvit(32, 2, 1152, 28, 16, 1001, in_chans=4, conv=False), "int", SCALED_LINEAR,
-     True, {}, "U-ViT-H/2, ImageNet 256 latent 4x32x32, discrete t in 1..1000 (train_ldm_discrete.py), "
-     "CFG s=0.4"),
-    ("uvit_imagenet512_large", _uvit(64, 4, 1024, 20, 16, 1001, in_chans=4), "cont999", VPSDE, True, {},
-     "U-ViT-L/4, ImageNet 512 latent 4x64x64, continuous VP-SDE (train_ldm.py), CFG s=0.7"),
+     True, {"cfg_scale": 1.4}, "U-ViT-H/2, ImageNet 256 latent 4x32x32, discrete t in 1..1000 "
+     "(train_ldm_discrete.py), guidance 1.4 (upstream s=0.4)"),
+    ("uvit_imagenet512_large", _uvit(64, 4, 1024, 20, 16, 1001, in_chans=4), "cont999", VPSDE, True,
+     {"cfg_scale": 1.7},
+     "U-ViT-L/4, ImageNet 512 latent 4x64x64, continuous VP-SDE (train_ldm.py), guidance 1.7 (upstream s=0.7)"),
     ("uvit_imagenet512_huge", _uvit(64, 4, 1152, 28, 16, 1001, in_chans=4, conv=False), "int", SCALED_LINEAR,
-     True, {}, "U-ViT-H/4, ImageNet 512 latent 4x64x64, discrete t in 1..1000 (train_ldm_discrete.py), "
-     "CFG s=0.7"),
+     True, {"cfg_scale": 1.7}, "U-ViT-H/4, ImageNet 512 latent 4x64x64, discrete t in 1..1000 "
+     "(train_ldm_discrete.py), guidance 1.7 (upstream s=0.7)"),
 ]
+# DiT's sample.py draws its images with cfg-scale 4.0 (its FID-50K runs use 1.5); the scale multiplies
+# (cond - uncond) exactly as diffusers does. forward_with_cfg guides the first 3 of the 4 eps channels.
+DIT_CFG_SCALE = 4.0
+DIT_CFG_CHANNELS = 3
 
 # Official DiT sizes: name -> (depth, hidden_size, num_heads).
 _DIT_SIZES = {"xl": (28, 1152, 16), "l": (24, 1024, 16), "b": (12, 768, 12), "s": (12, 384, 6)}
@@ -101,12 +112,12 @@ def _build_presets():
         for p in (2, 4, 8):
             presets[f"dit_{size}_{p}"] = dict(
                 family="dit", kwargs=_dit(size, p), time_convention="int", schedule=dict(LINEAR), latent=True,
-                latent_scale=LATENT_SCALE,
+                latent_scale=LATENT_SCALE, cfg_scale=DIT_CFG_SCALE, cfg_channels=DIT_CFG_CHANNELS,
                 description=f"DiT-{size.upper()}/{p}, ImageNet 256 latent 4x32x32, 1000 classes "
                             "(+ null label)")
     presets["dit_xl_2_512"] = dict(
         family="dit", kwargs=_dit("xl", 2, input_size=64), time_convention="int", schedule=dict(LINEAR),
-        latent=True, latent_scale=LATENT_SCALE,
+        latent=True, latent_scale=LATENT_SCALE, cfg_scale=DIT_CFG_SCALE, cfg_channels=DIT_CFG_CHANNELS,
         description="DiT-XL/2, ImageNet 512 latent 4x64x64, 1000 classes (+ null label)")
     for name, kwargs, desc in _DUODIFF:
         presets[name] = dict(family="uvit", kwargs=kwargs, time_convention="frac1000", schedule=dict(LINEAR),
@@ -156,4 +167,8 @@ def create_model(name_or_dict, **overrides) -> nn.Module:
     # Samplers read the training schedule from here (DuoSampler's default `schedule`).
     model.schedule_spec = dict(preset["schedule"]) if "schedule" in preset else None
     model.preset = name_or_dict if isinstance(name_or_dict, str) else None
+    # Guidance defaults: the recommended scale (diffusers' convention) and the guided channels.
+    model.recommended_cfg_scale = preset.get("cfg_scale")
+    if "cfg_channels" in preset:
+        model.cfg_channels = preset["cfg_channels"]
     return model

@@ -161,7 +161,13 @@ class DiT(nn.Module):
     Extra keywords beyond the official ones: `time_convention` (how the sampler scales t; DiT was
     trained with integer t in [0, 999]: 'int') and `null_class` ('auto' = num_classes when the null
     embedding exists, i.e. class_dropout_prob > 0, else None).
+
+    `cfg_channels = 3`: the official sampler (`forward_with_cfg`) guides only the first 3 of the 4
+    latent eps channels; DuoSampler follows it by default.
     """
+
+    cfg_channels = 3
+    recommended_cfg_scale = None  # set by create_model from the preset
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, *,

@@ -204,7 +204,12 @@ class UViT(nn.Module):
     sampler must scale t before calling; the model itself takes t as given) and `null_class` (the label
     of the unconditional branch for classifier-free guidance; 'auto' = num_classes - 1, the official
     convention of training with 1001 labels where label 1000 means "no class").
+
+    `cfg_channels = None`: the official sampler guides every output channel.
     """
+
+    cfg_channels = None
+    recommended_cfg_scale = None  # set by create_model from the preset
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4., qkv_bias=False, qk_scale=None, norm_layer=nn.LayerNorm, mlp_time_embed=False,

@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from .._validate import ArgumentError, check_float, check_int, describe
 from .schedules import Schedule, get_schedule
-from .solvers import get_solver
+from .segments import Denoiser, draw_step_noise, plan_segments, run_segment
+from .solvers import get_solver, solver_name
 
 
 # -----------------------------------------------------------------------------
@@ -24,31 +27,46 @@ from .solvers import get_solver
 class AtTimestep:
     """Switch at an absolute schedule time: the shallow model runs every step with `t >= value`.
 
-    For discrete schedules `value` is an integer timestep in [0, T); for the continuous VP-SDE it
-    is a time in (0, 1].
+    For discrete schedules `value` is a timestep in [0, T] (T: no step is shallow); for the continuous
+    VP-SDE it is a time in [0, 1]. Values outside the schedule's range are refused by the sampler.
     """
     value: float
 
+    def __post_init__(self):
+        object.__setattr__(self, "value", check_float(self.value, "AtTimestep value"))
 
-def shallow_steps(switch, timesteps: torch.Tensor) -> int:
+
+def shallow_steps(switch, timesteps: torch.Tensor, schedule: Schedule | None = None) -> int:
     """Number of leading steps given to the shallow model.
 
     `switch` is a fraction of the steps in [0, 1] (a float, or the ints 0 and 1), an `AtTimestep`,
-    or an int > 1, read as an absolute discrete timestep.
+    or an int > 1, read as an absolute discrete timestep. With `schedule`, an absolute timestep must lie
+    in its range ([0, T] discrete, [0, 1] continuous).
     """
     steps = len(timesteps)
-    if isinstance(switch, bool):
-        raise TypeError("switch must be a fraction in [0, 1] or an absolute timestep, not a bool")
+    if isinstance(switch, (bool, np.bool_)):
+        raise ArgumentError("switch must be a fraction in [0, 1] or an absolute timestep, not a bool")
+    if isinstance(switch, (np.integer, np.floating)):
+        switch = switch.item()
     if isinstance(switch, int) and switch > 1:
         switch = AtTimestep(switch)
     if isinstance(switch, AtTimestep):
-        return int((timesteps.double() >= float(switch.value)).sum())
+        value = switch.value
+        if schedule is not None:
+            hi = schedule.T
+            if not 0 <= value <= hi:
+                what = (f"an integer timestep in [0, {hi}]" if schedule.kind == "discrete"
+                        else f"a time in [0, {hi:g}] (continuous schedule)")
+                raise ArgumentError(f"switch AtTimestep({value:g}) is outside the {schedule.name!r} schedule: "
+                                    f"use {what}, or a fraction of the steps in [0, 1]")
+        return int((timesteps.double().cpu() >= value).sum())
     if isinstance(switch, (int, float)):
-        if not 0.0 <= float(switch) <= 1.0:
-            raise ValueError(f"switch as a fraction of steps must lie in [0, 1], got {switch}; "
-                             "use AtTimestep(t) for an absolute timestep")
-        return int(round(float(switch) * steps))
-    raise TypeError(f"switch must be a float fraction, an int timestep or AtTimestep, got {type(switch).__name__}")
+        f = check_float(switch, "switch")
+        if not 0.0 <= f <= 1.0:
+            raise ArgumentError(f"switch as a fraction of steps must lie in [0, 1], got {switch}; "
+                                "use AtTimestep(t) for an absolute timestep")
+        return int(round(f * steps))
+    raise ArgumentError(f"switch must be a float fraction, an int timestep or AtTimestep, got {describe(switch)}")
 
 
 # -----------------------------------------------------------------------------
@@ -62,6 +80,7 @@ class SampleTrace:
     timesteps: list = field(default_factory=list)    # schedule time per step
     seconds: dict = field(default_factory=dict)      # {'shallow': s, 'deep': s}
     total_seconds: float = 0.0
+    graphs: bool = False                             # whether CUDA-graph replay ran the segments
 
     @property
     def shallow_steps(self) -> int:
@@ -81,11 +100,31 @@ def _model_info(m):
     )
 
 
-def _params_of(model):
+def _params_of(model, name):
+    if not isinstance(model, torch.nn.Module):
+        raise ArgumentError(f"DuoSampler: the {name} model must be a torch.nn.Module, got {describe(model)}")
     p = next(model.parameters(), None)
     if p is None:
-        raise ValueError("DuoSampler: the model has no parameters, cannot tell its device/dtype")
+        raise ArgumentError(f"DuoSampler: the {name} model has no parameters, cannot tell its device/dtype")
     return p
+
+
+def _normalise_schedule_spec(spec):
+    if spec is None:
+        return None
+    try:
+        return get_schedule(spec)
+    except (ValueError, TypeError):
+        return None
+
+
+def _same_schedule(a, b) -> bool:
+    """Whether two schedules give the same alphas (by their tables, not their spelling)."""
+    if a.kind != b.kind or a.T != b.T or getattr(a, "t_offset", 0) != getattr(b, "t_offset", 0):
+        return False
+    if a.kind == "discrete":
+        return torch.allclose(a.alphas_cumprod, b.alphas_cumprod, rtol=1e-9, atol=0)
+    return (a.beta_min, a.beta_max) == (b.beta_min, b.beta_max)
 
 
 class DuoSampler:
@@ -97,126 +136,194 @@ class DuoSampler:
             `DuoSampler(deep, deep, ...)` or `switch=0` is plain deep sampling.
         schedule: a `Schedule`, a name ('linear', 'scaled_linear', 'cosine', 'vpsde') or a dict;
             defaults to the deep model's `schedule_spec` when it has one.
-        solver: 'ddim' (default), 'ddpm' or 'dpmsolver++'.
-        steps: number of sampling steps.
+        solver: 'ddim' (default), 'ddpm' or 'dpmsolver++' (any case; 'dpm++3m' for third order).
+        steps: number of sampling steps (a positive integer).
         switch: fraction of steps given to the shallow model (0 = deep only, 1 = shallow only),
-            or `AtTimestep(t)` / an int > 1 for an absolute timestep.
-        cfg_scale: classifier-free guidance scale for class-conditional models (None or 1 = off).
-        cuda_graphs: 'auto' or False. This version samples eagerly; graph capture of the two
-            segments is planned (DESIGN.md §4).
+            or `AtTimestep(t)` / an int > 1 for an absolute timestep inside the schedule's range.
+        cfg_scale: classifier-free guidance in diffusers' convention, `uncond + w (cond - uncond)`:
+            None or 1 = off, 0 = unconditional; a finite number >= 0. (Upstream U-ViT writes
+            `cond + s (cond - uncond)`: its s is w - 1.) Presets carry a recommended value
+            (`model.recommended_cfg_scale`); pass `cfg_scale="preset"` to use it.
+        cfg_channels: how many leading eps channels guidance applies to; the rest keep the conditional
+            prediction. Default: the deep model's `cfg_channels` (DiT: 3, as its official
+            `forward_with_cfg`; U-ViT: all), None = all.
+        cuda_graphs: 'auto' (graphs on CUDA, eager elsewhere), True (graphs; an error off CUDA) or False.
         dtype: dtype the networks run in (default: the deep model's parameter dtype). The solver
             state stays float32.
         spacing: timestep spacing ('leading', 'trailing', 'linspace'); solver default if None.
-        eta: DDIM eta.
+        eta: DDIM eta in [0, 1] (only 'ddim' takes it; other solvers refuse a nonzero eta).
         clip_sample: clamp each step's x0 prediction to [-c, c] ('ddim' and 'ddpm'), as the original
             DDPM sampler does for pixel models; None (default) leaves it free.
         progress: show a progress bar over the steps.
+
+    Sampling is built from segments (`segments.py`): shallow for steps [0, k), deep for [k, N), each run
+    by one function with device-resident timesteps and noise drawn before the loop.
     """
 
     def __init__(self, shallow, deep, *, schedule=None, solver="ddim", steps=50, switch=0.3,
-                 cfg_scale=None, cuda_graphs="auto", dtype=None, spacing=None, eta=0.0, clip_sample=None,
-                 progress=False):
+                 cfg_scale=None, cfg_channels="auto", cuda_graphs="auto", dtype=None, spacing=None, eta=0.0,
+                 clip_sample=None, progress=False):
+        p_deep = _params_of(deep, "deep")
+        p_shallow = _params_of(shallow, "shallow")
         a, b = _model_info(shallow), _model_info(deep)
         for key in ("img_size", "in_channels", "num_classes", "time_convention"):
             if a[key] != b[key]:
-                raise ValueError(f"DuoSampler: shallow and deep models disagree on {key}: "
-                                 f"shallow has {a[key]!r}, deep has {b[key]!r}")
+                raise ArgumentError(f"DuoSampler: shallow and deep models disagree on {key}: "
+                                    f"shallow has {a[key]!r}, deep has {b[key]!r}")
         if a["img_size"] is None or a["in_channels"] is None:
-            raise ValueError("DuoSampler: models must expose img_size and in_channels")
-        if cuda_graphs not in ("auto", False, None):
-            raise ValueError(f"DuoSampler: cuda_graphs={cuda_graphs!r} is not available in this version "
-                             "(use 'auto' or False; sampling runs eagerly)")
+            raise ArgumentError("DuoSampler: models must expose img_size and in_channels")
+        null_s, null_d = getattr(shallow, "null_class", None), getattr(deep, "null_class", None)
+        if null_s != null_d:
+            raise ArgumentError(f"DuoSampler: shallow and deep models disagree on null_class (the label of "
+                                f"the unconditional branch): shallow has {null_s!r}, deep has {null_d!r}")
+        spec_s = _normalise_schedule_spec(getattr(shallow, "schedule_spec", None))
+        spec_d = _normalise_schedule_spec(getattr(deep, "schedule_spec", None))
+        if spec_s is not None and spec_d is not None and not _same_schedule(spec_s, spec_d):
+            raise ArgumentError(f"DuoSampler: shallow and deep models were trained on different noise "
+                                f"schedules: shallow {getattr(shallow, 'schedule_spec')}, deep "
+                                f"{getattr(deep, 'schedule_spec')}")
+        if cuda_graphs not in ("auto", True, False, None):
+            raise ArgumentError(f"DuoSampler: cuda_graphs must be 'auto', True or False, got "
+                                f"{describe(cuda_graphs)}")
         if schedule is None:
             schedule = getattr(deep, "schedule_spec", None)
             if schedule is None:
-                raise ValueError("DuoSampler: pass schedule= (the deep model carries no schedule_spec)")
+                raise ArgumentError("DuoSampler: pass schedule= (the deep model carries no schedule_spec)")
         self.schedule: Schedule = schedule if isinstance(schedule, Schedule) else get_schedule(schedule)
         self.shallow, self.deep = shallow, deep
         self.img_size, self.in_channels = a["img_size"], a["in_channels"]
         self.num_classes = a["num_classes"]
         self.time_convention = a["time_convention"] or "int"
-        self.steps = int(steps)
+        self.steps = check_int(steps, "steps", minimum=1, where="DuoSampler")
+        self.solver_name = self._solver_choice(solver)
         kw = {} if spacing is None else {"spacing": spacing}
-        if solver == "ddim":
+        eta = check_float(eta, "eta", minimum=0.0, where="DuoSampler")
+        if self.solver_name == "ddim":
             kw["eta"] = eta
+        elif eta != 0.0:
+            raise ArgumentError(f"DuoSampler: eta={eta:g} has no meaning for solver {self.solver_name!r} "
+                                "(only 'ddim' takes eta; DDPM is always stochastic, DPM-Solver++ deterministic)")
         if clip_sample is not None:
-            if solver not in ("ddim", "ddpm"):
-                raise ValueError(f"DuoSampler: clip_sample works with 'ddim' and 'ddpm', not {solver!r}")
-            kw["clip_sample"] = float(clip_sample)
-        self.solver_name = solver
-        self.solver = get_solver(solver, self.schedule, self.steps, **kw)
+            if self.solver_name not in ("ddim", "ddpm"):
+                raise ArgumentError(f"DuoSampler: clip_sample works with 'ddim' and 'ddpm', not "
+                                    f"{self.solver_name!r}")
+            kw["clip_sample"] = check_float(clip_sample, "clip_sample", minimum=0.0, exclusive_minimum=True,
+                                            where="DuoSampler")
+        self.solver = get_solver(self.solver_name, self.schedule, self.steps, **kw)
+        # The model time convention must fit the schedule (checked once here, not per step).
+        self.schedule.model_time(self.solver.timesteps[:1], self.time_convention)
         self.switch = switch
-        self.k = shallow_steps(switch, self.solver.timesteps)
-        if cfg_scale is not None and cfg_scale != 1.0:
-            if self.num_classes <= 0:
-                raise ValueError("DuoSampler: cfg_scale needs a class-conditional model (num_classes > 0)")
-            for name, m in (("shallow", shallow), ("deep", deep)):
-                if getattr(m, "null_class", None) is None:
-                    raise ValueError(f"DuoSampler: the {name} model has no null_class for guidance")
-        self.cfg_scale = cfg_scale
-        p = _params_of(deep)
-        self.device = p.device
-        self.dtype = dtype or p.dtype
-        for name, m in (("shallow", shallow), ("deep", deep)):
-            q = _params_of(m)
+        self.k = shallow_steps(switch, self.solver.timesteps, self.schedule)
+        self.cfg_scale = self._check_cfg(cfg_scale, shallow, deep)
+        self.cfg_channels = self._check_cfg_channels(cfg_channels, deep)
+        self.device = p_deep.device
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ArgumentError(f"DuoSampler: dtype must be a floating torch.dtype, got {describe(dtype)}")
+        self.dtype = dtype or p_deep.dtype
+        for name, q in (("shallow", p_shallow), ("deep", p_deep)):
             if q.device != self.device:
-                raise ValueError(f"DuoSampler: {name} model is on {q.device}, deep model on {self.device}")
+                raise ArgumentError(f"DuoSampler: {name} model is on {q.device}, deep model on {self.device}")
             if q.dtype != self.dtype:
-                raise ValueError(f"DuoSampler: {name} model parameters are {q.dtype} but dtype={self.dtype}; "
-                                 f"convert it first (model.to({self.dtype}))")
+                raise ArgumentError(f"DuoSampler: {name} model parameters are {q.dtype} but dtype={self.dtype}; "
+                                    f"convert it first (model.to({self.dtype}))")
+        if cuda_graphs is True and self.device.type != "cuda":
+            raise ArgumentError(f"DuoSampler: cuda_graphs=True needs CUDA models; these are on {self.device} "
+                                "(use cuda_graphs='auto' or False)")
+        self.cuda_graphs = cuda_graphs
+        if not isinstance(progress, (bool, np.bool_)):
+            raise ArgumentError(f"DuoSampler: progress must be True or False, got {describe(progress)}")
+        self.progress = bool(progress)
         self.solver.to(self.device)
-        self.progress = progress
+        # Everything the loop indexes per step lives on the device from here on (segments.py).
+        self._model_times = self.schedule.model_time(self.solver.timesteps, self.time_convention).to(
+            device=self.device, dtype=torch.float32)
+        self._timesteps_host = [float(t) for t in self.solver.timesteps.cpu()]
+        self.segments = plan_segments({"shallow": shallow, "deep": deep}, self.k, self.steps)
         self.trace = SampleTrace()
 
-    # ---- one network evaluation -------------------------------------------------------------
-    def _eps(self, model, x, t, y):
-        B = x.shape[0]
-        tm = self.schedule.model_time(t.reshape(1), self.time_convention).to(self.device)
-        tm = tm.to(torch.float32).expand(B)
-        xin = x.to(self.dtype)
-        guided = self.cfg_scale is not None and self.cfg_scale != 1.0
-        if guided:
-            null = torch.full_like(y, model.null_class)
-            out = model(torch.cat([xin, xin]), torch.cat([tm, tm]), torch.cat([y, null]))
-            out = out[:, : self.in_channels].float()
-            cond, uncond = out.chunk(2)
-            return uncond + self.cfg_scale * (cond - uncond)
-        out = model(xin, tm, y) if y is not None else model(xin, tm)
-        return out[:, : self.in_channels].float()
+    # ---- constructor helpers ---------------------------------------------------------------------
+    @staticmethod
+    def _solver_choice(solver) -> str:
+        return solver_name(solver)
+
+    def _check_cfg(self, cfg_scale, shallow, deep):
+        if isinstance(cfg_scale, str) and cfg_scale == "preset":
+            cfg_scale = getattr(deep, "recommended_cfg_scale", None)
+            if cfg_scale is None:
+                raise ArgumentError("DuoSampler: cfg_scale='preset' but the deep model's preset recommends no "
+                                    "guidance scale; pass a number")
+        if cfg_scale is None:
+            return None
+        w = check_float(cfg_scale, "cfg_scale", minimum=0.0, where="DuoSampler")
+        if w == 1.0:
+            return w  # guidance with w = 1 is the conditional prediction: no doubled batch needed
+        if self.num_classes <= 0:
+            raise ArgumentError(f"DuoSampler: cfg_scale={w:g} needs a class-conditional model (num_classes > 0)")
+        for name, m in (("shallow", shallow), ("deep", deep)):
+            if getattr(m, "null_class", None) is None:
+                raise ArgumentError(f"DuoSampler: cfg_scale={w:g} but the {name} model has no null_class "
+                                    "(it was trained without label dropout, so it has no unconditional branch)")
+        return w
+
+    def _check_cfg_channels(self, cfg_channels, deep):
+        if isinstance(cfg_channels, str) and cfg_channels == "auto":
+            cfg_channels = getattr(deep, "cfg_channels", None)
+            return None if cfg_channels is None else min(int(cfg_channels), self.in_channels)
+        if cfg_channels is None:
+            return None
+        return check_int(cfg_channels, "cfg_channels", minimum=1, maximum=self.in_channels, where="DuoSampler")
 
     # ---- inputs --------------------------------------------------------------------------------
     def _inputs(self, n, noise, y, generator):
         shape = (self.in_channels, self.img_size, self.img_size)
+        where = "DuoSampler.sample"
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ArgumentError(f"{where}: generator must be a torch.Generator, got {describe(generator)}")
         if noise is not None:
+            if not isinstance(noise, torch.Tensor):
+                raise ArgumentError(f"{where}: noise must be a tensor [n, {shape[0]}, {shape[1]}, {shape[2]}], "
+                                    f"got {describe(noise)}")
             if noise.dim() != 4 or tuple(noise.shape[1:]) != shape:
-                raise ValueError(f"DuoSampler.sample: noise must be [n, {shape[0]}, {shape[1]}, {shape[2]}], "
-                                 f"got {tuple(noise.shape)}")
-            if n is not None and n != noise.shape[0]:
-                raise ValueError(f"DuoSampler.sample: n={n} but noise has {noise.shape[0]} samples")
+                raise ArgumentError(f"{where}: noise must be [n, {shape[0]}, {shape[1]}, {shape[2]}], "
+                                    f"got {tuple(noise.shape)}")
+            if noise.shape[0] == 0:
+                raise ArgumentError(f"{where}: noise holds no samples (shape {tuple(noise.shape)}); "
+                                    "need n >= 1")
+            if n is not None and check_int(n, "n", where=where) != noise.shape[0]:
+                raise ArgumentError(f"{where}: n={n} but noise has {noise.shape[0]} samples")
             if not noise.is_floating_point():
-                raise ValueError(f"DuoSampler.sample: noise must be floating point, got {noise.dtype}")
+                raise ArgumentError(f"{where}: noise must be floating point, got {noise.dtype}")
+            if not bool(torch.isfinite(noise).all()):
+                bad = int((~torch.isfinite(noise)).sum())
+                raise ArgumentError(f"{where}: noise holds {bad} NaN or infinite values; it must be finite "
+                                    "(standard normal)")
             n = noise.shape[0]
             x = noise.to(self.device, torch.float32)
         else:
-            if n is None or int(n) < 1:
-                raise ValueError(f"DuoSampler.sample: give n >= 1 or a noise tensor (got n={n})")
-            n = int(n)
+            if n is None:
+                raise ArgumentError(f"{where}: give n >= 1 or a noise tensor (got n=None)")
+            n = check_int(n, "n", minimum=1, where=where)
             x = self._randn((n, *shape), generator)
         if self.num_classes > 0:
             if y is None:
                 gdev = generator.device if generator is not None else self.device
                 y = torch.randint(0, self.label_range(), (n,), generator=generator, device=gdev)
-            y = torch.as_tensor(y)
+            if not isinstance(y, torch.Tensor):
+                arr = np.asarray(y)
+                if arr.dtype == object or arr.dtype.kind not in "iu":
+                    raise ArgumentError(f"{where}: y must hold integer class labels, got {describe(y)}")
+                y = torch.from_numpy(arr.astype(np.int64, copy=False).copy())
             if y.dim() != 1 or y.shape[0] != n:
-                raise ValueError(f"DuoSampler.sample: y must be a 1-D tensor of {n} labels, got shape {tuple(y.shape)}")
-            if y.is_floating_point() or y.dtype == torch.bool:
-                raise ValueError(f"DuoSampler.sample: y must hold integer class labels, got {y.dtype}")
-            if n and (int(y.min()) < 0 or int(y.max()) >= self.label_range()):
-                raise ValueError(f"DuoSampler.sample: labels must lie in [0, {self.label_range()}), "
-                                 f"got min {int(y.min())} max {int(y.max())}")
+                raise ArgumentError(f"{where}: y must be a 1-D tensor of {n} labels, got shape {tuple(y.shape)}")
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise ArgumentError(f"{where}: y must hold integer class labels, got {y.dtype}")
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= self.label_range():
+                raise ArgumentError(f"{where}: labels must lie in [0, {self.label_range()}), "
+                                    f"got min {lo} max {hi}")
             y = y.to(self.device, torch.long)
         elif y is not None:
-            raise ValueError("DuoSampler.sample: y was given but the models are unconditional (num_classes=0)")
+            raise ArgumentError(f"{where}: y was given but the models are unconditional (num_classes=0)")
         return x, y
 
     def label_range(self) -> int:
@@ -233,41 +340,61 @@ class DuoSampler:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # ---- sampling ------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def sample(self, n=None, noise=None, y=None, generator=None):
-        """Draw samples. Returns `[n, C, H, W]` float32 (model space: pixels in [-1, 1] or latents).
+    # ---- segments ------------------------------------------------------------------------------
+    def denoiser(self, model) -> Denoiser:
+        """The eps function (guidance included) that the segments of `model` run."""
+        return Denoiser(model, self.in_channels, self.dtype, self.cfg_scale, self.cfg_channels)
 
-        Deterministic given `generator` (or `noise` plus `y` for deterministic solvers).
+    def eps(self, model, x, t, y=None) -> torch.Tensor:
+        """One network evaluation exactly as sampling runs it: `model` at network time `t` (a number or a
+        0-d tensor, already in the model's time convention) on the float32 state `x`, labels `y`, with
+        this sampler's guidance. Returns float32 eps `[B, C, H, W]`."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(())
+        return self.denoiser(model)(x, t, self._model_labels(y))
+
+    def _model_labels(self, y):
+        """Labels as the networks see them: doubled with the null class when guidance is on."""
+        if y is None or self.cfg_scale is None or self.cfg_scale == 1.0:
+            return y
+        return torch.cat([y, torch.full_like(y, self.deep.null_class)])
+
+    # ---- sampling ------------------------------------------------------------------------------
+    def sample(self, n=None, noise=None, y=None, generator=None):
+        """Draw samples. Returns `[n, C, H, W]` float32 (model space: pixels in [-1, 1] or latents), an
+        ordinary tensor (not an inference tensor), on the models' device.
+
+        Deterministic given `generator` (or `noise` plus `y` for deterministic solvers). Random numbers
+        are drawn in this order: the initial noise (unless given), the labels (unless given), then one
+        draw per noisy step, all before the first network call.
         """
+        with torch.inference_mode():
+            x = self._sample(n, noise, y, generator)
+        return x.clone()  # outside inference mode: an ordinary tensor users may modify in place
+
+    def _sample(self, n, noise, y, generator):
         x, y = self._inputs(n, noise, y, generator)
-        timesteps = self.solver.timesteps
+        step_noise = draw_step_noise(self.solver, tuple(x.shape), generator, self.device)
         state = self.solver.init_state(x)
+        y_in = self._model_labels(y)
         trace = SampleTrace(seconds={"shallow": 0.0, "deep": 0.0})
-        steps = range(len(timesteps))
+        bar = None
         if self.progress:
             from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="sampling", unit="step", leave=False)
+            bar = tqdm(total=self.steps, desc="sampling", unit="step", leave=False)
         self._sync()
-        t_start = seg_start = time.perf_counter()
-        for i in steps:
-            name = "shallow" if i < self.k else "deep"
-            if i == self.k and i > 0:  # segment boundary: close the shallow segment's clock
-                self._sync()
-                now = time.perf_counter()
-                trace.seconds["shallow"] += now - seg_start
-                seg_start = now
-            model = self.shallow if name == "shallow" else self.deep
-            t = timesteps[i]
-            eps = self._eps(model, x, t, y)
-            step_noise = self._randn(x.shape, generator) if self.solver.needs_noise(i) else None
-            x = self.solver.step(state, i, x, eps, noise=step_noise)
-            trace.models.append(name)
-            trace.timesteps.append(float(t))
-        self._sync()
-        end = time.perf_counter()
-        trace.seconds["deep" if self.k < len(timesteps) else "shallow"] += end - seg_start
-        trace.total_seconds = end - t_start
+        t_start = time.perf_counter()
+        for seg in self.segments:
+            t0 = time.perf_counter()
+            x = run_segment(self.denoiser(seg.model), self.solver, state, x, seg.start, seg.stop,
+                            self._model_times, y_in, step_noise,
+                            on_step=None if bar is None else (lambda i: bar.update(1)))
+            self._sync()  # segment boundary: the only place the host waits
+            trace.seconds[seg.name] += time.perf_counter() - t0
+            trace.models += [seg.name] * len(seg)
+        if bar is not None:
+            bar.close()
+        trace.timesteps = list(self._timesteps_host)
+        trace.total_seconds = time.perf_counter() - t_start
         self.trace = trace
         return x
 
@@ -276,7 +403,7 @@ class DuoSampler:
         ds = getattr(self.shallow, "depth_blocks", None)
         dd = getattr(self.deep, "depth_blocks", None)
         if ds is None or dd is None:
-            raise ValueError("compute_fraction needs models with depth_blocks")
+            raise ArgumentError("compute_fraction needs models with depth_blocks")
         n = self.steps
         return (ds * self.k + dd * (n - self.k)) / (dd * n)
 

@@ -16,6 +16,8 @@ import math
 import numpy as np
 import torch
 
+from .._validate import ArgumentError, check_choice, check_float, check_int
+
 __all__ = [
     "Schedule", "DiscreteSchedule", "VPSDESchedule",
     "linear", "scaled_linear", "cosine", "vpsde", "get_schedule",
@@ -106,10 +108,10 @@ class DiscreteSchedule(Schedule):
         'trailing': round(arange(T, 0, -T/steps)) - 1. For some step counts (61, 103, ...) diffusers'
         'trailing' float arange yields one extra entry equal to -1; we keep the first ``steps`` entries.
         """
-        spacing = "leading" if spacing is None else spacing
+        spacing = "leading" if spacing is None else check_choice(spacing, "spacing", DISCRETE_SPACINGS)
         T = self.T
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:
-            raise ValueError(f"steps must be an integer in [1, {T}] for a discrete schedule, got {steps!r}")
+        steps = check_int(steps, "steps", minimum=1, maximum=T)
+        steps_offset = check_int(steps_offset, "steps_offset", minimum=0)
         if spacing == "leading":
             ts = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + steps_offset
         elif spacing == "linspace":
@@ -125,20 +127,38 @@ class DiscreteSchedule(Schedule):
         return torch.from_numpy(ts.copy())
 
 
+def _check_betas(name, T, beta_start, beta_end, t_offset):
+    T = check_int(T, "T", minimum=1, where=name)
+    lo = check_float(beta_start, "beta_start", minimum=0.0, maximum=1.0, exclusive_minimum=True, where=name)
+    hi = check_float(beta_end, "beta_end", minimum=lo, maximum=1.0, where=name)
+    if hi >= 1.0:
+        raise ArgumentError(f"{name}: beta_end must be < 1, got {hi:g}")
+    return T, lo, hi, check_int(t_offset, "t_offset", minimum=0, where=name)
+
+
 def linear(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, t_offset: int = 0) -> DiscreteSchedule:
     """DDPM linear betas (DDPM, DiT, DuoDiff)."""
+    T, beta_start, beta_end, t_offset = _check_betas("linear", T, beta_start, beta_end, t_offset)
     return DiscreteSchedule(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), "linear", t_offset)
 
 
 def scaled_linear(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
                   t_offset: int = 0) -> DiscreteSchedule:
     """Linear in sqrt(beta) (Stable Diffusion / U-ViT latent models, diffusers 'scaled_linear')."""
+    T, beta_start, beta_end, t_offset = _check_betas("scaled_linear", T, beta_start, beta_end, t_offset)
     b = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
     return DiscreteSchedule(b, "scaled_linear", t_offset)
 
 
 def cosine(T: int = 1000, s: float = 0.008, max_beta: float = 0.999, t_offset: int = 0) -> DiscreteSchedule:
     """Nichol & Dhariwal cosine alphabar; betas clipped at ``max_beta`` (diffusers 'squaredcos_cap_v2')."""
+    T = check_int(T, "T", minimum=1, where="cosine")
+    s = check_float(s, "s", minimum=0.0, where="cosine")
+    max_beta = check_float(max_beta, "max_beta", minimum=0.0, maximum=1.0, exclusive_minimum=True,
+                           where="cosine")
+    if max_beta >= 1.0:
+        raise ArgumentError(f"cosine: max_beta must be < 1, got {max_beta:g}")
+    t_offset = check_int(t_offset, "t_offset", minimum=0, where="cosine")
 
     def abar(u):
         return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
@@ -158,8 +178,11 @@ class VPSDESchedule(Schedule):
     kind = "continuous"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-3):
-        if not 0 <= beta_min < beta_max:
-            raise ValueError(f"need 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
+        beta_min = check_float(beta_min, "beta_min", minimum=0.0, where="vpsde")
+        beta_max = check_float(beta_max, "beta_max", minimum=beta_min, exclusive_minimum=True, where="vpsde")
+        eps = check_float(eps, "eps", minimum=0.0, maximum=1.0, exclusive_minimum=True, where="vpsde")
+        if eps >= 1.0:
+            raise ArgumentError(f"vpsde: eps must be < 1, got {eps:g}")
         self.name = "vpsde"
         self.T = 1.0
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
@@ -188,12 +211,13 @@ class VPSDESchedule(Schedule):
         'uniform' (alias 'linspace'): linspace(1, eps, steps); 'logSNR': uniform in lambda between
         lambda(1) and lambda(eps). The solvers take their last step from t=eps to clean data (sigma=0).
         """
-        spacing = "uniform" if spacing is None else spacing
-        eps = self.eps if eps is None else float(eps)
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if not 0 < eps < 1:
-            raise ValueError(f"eps must be in (0, 1), got {eps}")
+        spacing = "uniform" if spacing is None else check_choice(spacing, "spacing", CONTINUOUS_SPACINGS,
+                                                                 case_insensitive=False)
+        eps = self.eps if eps is None else check_float(eps, "eps", minimum=0.0, maximum=1.0,
+                                                       exclusive_minimum=True)
+        steps = check_int(steps, "steps", minimum=1)
+        if eps >= 1:
+            raise ArgumentError(f"eps must be in (0, 1), got {eps}")
         if steps == 1:
             return torch.ones(1, dtype=torch.float64)
         if spacing in ("uniform", "linspace"):
@@ -228,16 +252,22 @@ def get_schedule(name_or_dict, **kw) -> Schedule:
     ``{'name': ..., **kwargs}`` (the form model presets use), or return a Schedule unchanged."""
     if isinstance(name_or_dict, Schedule):
         if kw:
-            raise ValueError("keyword arguments given with an already built Schedule")
+            raise ArgumentError("keyword arguments given with an already built Schedule")
         return name_or_dict
     if isinstance(name_or_dict, dict):
         cfg = dict(name_or_dict)
         if "name" not in cfg:
-            raise ValueError(f"schedule dict needs a 'name' key, got {sorted(cfg)}")
+            raise ArgumentError(f"schedule dict needs a 'name' key, got {sorted(cfg)}")
         name = cfg.pop("name")
         cfg.update(kw)
     else:
         name, cfg = name_or_dict, kw
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown schedule {name!r}; expected one of {sorted(_FACTORIES)}")
-    return _FACTORIES[name](**cfg)
+    name = check_choice(name, "schedule", sorted(_FACTORIES))
+    factory = _FACTORIES[name]
+    import inspect
+    allowed = set(inspect.signature(factory).parameters)
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ArgumentError(f"schedule {name!r}: unexpected parameter(s) {', '.join(unknown)}; it takes "
+                            f"{', '.join(sorted(allowed))}")
+    return factory(**cfg)

@@ -26,17 +26,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._validate import ArgumentError, check_choice, check_float, check_int
 from .schedules import Schedule, get_schedule
 
 __all__ = ["Solver", "DDPMSolver", "DDIMSolver", "DPMSolverPP", "get_solver", "SOLVERS"]
 
 
-def _check_steps(schedule: Schedule, steps) -> None:
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+def _check_steps(schedule: Schedule, steps) -> int:
+    steps = check_int(steps, "steps", minimum=1)
     if schedule.kind == "discrete" and steps > schedule.T:
-        raise ValueError(f"steps={steps} exceeds the {schedule.T} training timesteps of schedule "
-                         f"{schedule.name!r}")
+        raise ArgumentError(f"steps={steps} exceeds the {schedule.T} training timesteps of schedule "
+                            f"{schedule.name!r}")
+    return steps
+
+
+def _check_clip(clip_sample):
+    if clip_sample is None:
+        return None
+    return check_float(clip_sample, "clip_sample", minimum=0.0, exclusive_minimum=True)
 
 
 def _f64(values) -> torch.Tensor:
@@ -54,8 +61,7 @@ class Solver:
 
     def __init__(self, schedule, steps: int):
         self.schedule = get_schedule(schedule)
-        _check_steps(self.schedule, steps)
-        self.steps = int(steps)
+        self.steps = _check_steps(self.schedule, steps)
         self._noise_steps: list[bool] = [False] * self.steps
 
     def __len__(self) -> int:
@@ -135,8 +141,8 @@ class DDPMSolver(Solver):
         if self.schedule.kind != "discrete":
             raise ValueError("DDPM ancestral sampling needs a discrete schedule; use 'ddim' or 'dpmsolver++' "
                              f"with the continuous schedule {self.schedule.name!r}")
-        self.clip_sample = clip_sample
-        ts = self.schedule.timesteps(steps, spacing, steps_offset=steps_offset)
+        self.clip_sample = _check_clip(clip_sample)
+        ts = self.schedule.timesteps(self.steps, spacing, steps_offset=steps_offset)
         t = ts.numpy()
         t_prev = np.concatenate([t[1:], [-1]])
         a_t, s_t, a_p, s_p = _alpha_sigma_pairs(self.schedule, t, t_prev)
@@ -182,10 +188,10 @@ class DDIMSolver(Solver):
     def __init__(self, schedule, steps: int, spacing: str | None = None, eta: float = 0.0,
                  set_alpha_to_one: bool = True, steps_offset: int = 0, clip_sample: float | None = None):
         super().__init__(schedule, steps)
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        self.eta = float(eta)
-        self.clip_sample = clip_sample
+        # eta = 1 gives the DDPM posterior variance; beyond it the update would need a negative variance.
+        self.eta = check_float(eta, "eta", minimum=0.0, maximum=1.0, where="ddim")
+        self.clip_sample = _check_clip(clip_sample)
+        steps = self.steps
         if self.schedule.kind == "discrete":
             ts = self.schedule.timesteps(steps, spacing, steps_offset=steps_offset)
             t = ts.numpy()
@@ -228,7 +234,8 @@ class DDIMSolver(Solver):
 def _dpm_discrete_timesteps(T: int, steps: int, spacing: str | None, steps_offset: int = 0) -> np.ndarray:
     """diffusers DPMSolverMultistepScheduler.set_timesteps (lambda_min_clipped=-inf): 'linspace' and
     'leading' place steps+1 points and drop the last (t=0), unlike DDIM/DDPM's grids."""
-    spacing = "leading" if spacing is None else spacing
+    from .schedules import DISCRETE_SPACINGS
+    spacing = "leading" if spacing is None else check_choice(spacing, "spacing", DISCRETE_SPACINGS)
     if spacing == "linspace":
         ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
     elif spacing == "leading":
@@ -258,9 +265,7 @@ class DPMSolverPP(Solver):
     def __init__(self, schedule, steps: int, spacing: str | None = None, solver_order: int = 2,
                  lower_order_final: bool = True, steps_offset: int = 0):
         super().__init__(schedule, steps)
-        if solver_order not in (1, 2, 3):
-            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order}")
-        self.order = int(solver_order)
+        self.order = check_int(solver_order, "solver_order", minimum=1, maximum=3, where="dpmsolver++")
         self.name = {1: "dpmsolver++1", 2: "dpmsolver++", 3: "dpmsolver++3m"}[self.order]
         n = self.steps
         if self.schedule.kind == "discrete":
@@ -355,12 +360,28 @@ SOLVERS = {
 }
 
 
+def solver_name(name) -> str:
+    """The canonical key of SOLVERS for `name` (case and surrounding blanks ignored), or ArgumentError."""
+    return check_choice(name, "solver", sorted(SOLVERS))
+
+
 def get_solver(name: str, schedule, steps: int, spacing: str | None = None, **kw) -> Solver:
-    """Build a solver. ``name``: 'ddpm', 'ddim', 'dpmsolver++' (alias 'dpm++2m'; 'dpm++3m' for order 3).
-    ``schedule``: a Schedule, a name or a preset dict. ``spacing``: None means 'leading' for discrete
-    schedules and 'uniform' for continuous ones. Extra keywords go to the solver (eta, clip_sample, ...)."""
-    key = name.lower() if isinstance(name, str) else name
-    if key not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}")
+    """Build a solver. ``name``: 'ddpm', 'ddim', 'dpmsolver++' (alias 'dpm++2m'; 'dpm++3m' for order 3),
+    in any case. ``schedule``: a Schedule, a name or a preset dict. ``spacing``: None means 'leading' for
+    discrete schedules and 'uniform' for continuous ones. Extra keywords go to the solver (eta,
+    clip_sample, ...); ``eta`` other than 0 is refused for the solvers that have no eta (DDPM is always
+    fully stochastic, DPM-Solver++ deterministic) instead of being dropped."""
+    key = solver_name(name)
     cls, defaults = SOLVERS[key]
+    if "eta" in kw and cls is not DDIMSolver:
+        eta = check_float(kw.pop("eta"), "eta", minimum=0.0, where=key)
+        if eta != 0.0:
+            raise ArgumentError(f"{key}: eta={eta:g} has no meaning for this solver (only 'ddim' takes eta; "
+                                "DDPM is always stochastic, DPM-Solver++ deterministic)")
+    import inspect
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "schedule", "steps", "spacing"}
+    unknown = sorted(set(kw) - allowed)
+    if unknown:
+        raise ArgumentError(f"{key}: unexpected option(s) {', '.join(unknown)}; it takes "
+                            f"{', '.join(sorted(allowed))}")
     return cls(schedule, steps, spacing=spacing, **{**defaults, **kw})
