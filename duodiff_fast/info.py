@@ -27,21 +27,9 @@ def _dist_version(name: str) -> str | None:
 
 
 def _typical_inputs(device: torch.device, dtype: torch.dtype) -> dict:
-    """Small tensors with the layouts the models pass (U-ViT-S widths; DiT's chunked adaLN output)."""
-    def t(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype)
-
-    B, L, H, D, C = 2, 257, 8, 64, 512
-    x = t(B, L, C)
-    ada = t(B, 6 * C)
-    return {
-        "attention": (t(B, L, 3, H, D),),
-        "layer_norm": (x, t(C), t(C)),
-        "add_layer_norm": (x, t(B, L, C), t(C), t(C)),
-        "adaln": (x, ada[:, :C], ada[:, C:2 * C]),
-        "gated_adaln": (x, t(B, L, C), ada[:, 2 * C:3 * C], ada[:, :C], ada[:, C:2 * C]),
-        "exit_confidence": (x, t(C, 1), t(1)),
-    }
+    """One model-like input per op (U-ViT-S widths; DiT's chunked adaLN output), from the op registry."""
+    from .ops import SPECS
+    return {op: next(iter(spec.examples(device, dtype, "typical").values())) for op, spec in SPECS.items()}
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -79,7 +67,8 @@ def collect() -> dict:
         device, dtype = torch.device("cpu"), torch.float32
     info["typical_device"], info["typical_dtype"] = str(device), str(dtype).replace("torch.", "")
     for op, args in _typical_inputs(device, dtype).items():
-        ex = ops.explain(op, *args)
+        tensors = args[:len(ops.SPECS[op].inputs)]
+        ex = ops.explain(op, *tensors)
         entry = {"input": _describe(args[0]), "chosen": ex["chosen"], "forced_by": ex["forced_by"],
                  "reasons": ex["reasons"]}
         if "error" in ex:

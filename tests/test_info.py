@@ -12,7 +12,8 @@ import torch
 
 from duodiff_fast import _cpp_lib
 from duodiff_fast import info as info_mod
-from duodiff_fast.ops import OPS, _dispatch
+from duodiff_fast.ops import OPS
+from duodiff_fast.ops import _registry as _dispatch
 
 
 def _run_info(*args, **env):
@@ -51,7 +52,7 @@ def test_info_json_with_interpreter_and_forced_backend(monkeypatch, capsys):
     assert info["extension"]["built"] is False or info["extension"]["archs"] is not None
     for entry in info["ops"].values():
         assert entry["forced_by"] == "DUODIFF_BACKEND=triton"
-        assert set(entry["reasons"]) == set(_dispatch.PRIORITY)
+        assert set(entry["reasons"]) == set(_dispatch.BACKEND_NAMES)
         assert entry["reasons"]["torch"] == []
         if not torch.cuda.is_available():
             # bf16 is not the CPU default, so the interpreter can run every op here

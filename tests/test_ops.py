@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import pytest
 
 from duodiff_fast import ops
-from duodiff_fast.ops import _dispatch
+from duodiff_fast.ops import _registry
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,20 +23,22 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def _kernels_present(*modules):
-    missing = [m for m in modules if _dispatch.kernel_import_error(m, _fwd_name(m)) is not None]
+    missing = [m for m in modules if _registry.kernel_import_error(m, _fwd_name(m)) is not None]
     return pytest.mark.skipif(bool(missing), reason=f"kernel module(s) absent: {missing}")
 
 
 def _fwd_name(module):
-    return dict(_dispatch.KERNEL_MODULES.values())[module]
+    # every Triton implementation names its kernel module and launcher (the registry's single record)
+    impls = [c for c in (ops.IMPLS[op].get("triton") for op in ops.OPS) if c is not None]
+    return {c.KERNEL_MODULE: c.LAUNCHER for c in impls}[module]
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
-    _dispatch.clear_caches()
+    monkeypatch.delenv(_registry.ENV_VAR, raising=False)
+    _registry.clear_caches()
     yield
-    _dispatch.clear_caches()
+    _registry.clear_caches()
 
 
 def _gen(seed=0):
@@ -139,7 +141,7 @@ def test_sdpa_is_an_attention_backend_only():
 
 
 def test_absent_kernel_falls_back_quietly_and_forced_names_it(monkeypatch):
-    monkeypatch.setitem(_dispatch.KERNEL_MODULES, "attention", ("no_such_kernel", "fwd"))
+    monkeypatch.setattr(ops.IMPLS["attention"]["triton"], "KERNEL_MODULE", "no_such_kernel")
     qkv = _inputs()["attention"][0]
     assert ops.select_backend("attention", qkv) != "triton"
     with pytest.raises(ValueError, match="duodiff_fast.kernels.no_such_kernel is not importable"):
@@ -378,7 +380,7 @@ def test_dispatch_marks_selection_constant_like_torch_does():
     # if a torch upgrade changes the mechanism, this fails before torch.compile silently traces into it.
     marked = torch.compiler.assume_constant_result(lambda: 0)
     assert marked._dynamo_marked_constant is True
-    assert _dispatch._select._dynamo_marked_constant is True
+    assert _registry._select._dynamo_marked_constant is True
 
 
 @_kernels_present("attention", "norm", "exit_confidence")

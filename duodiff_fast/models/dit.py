@@ -14,15 +14,10 @@ import torch.nn as nn
 
 from duodiff_fast import ops
 
-from .uvit import (TIME_CONVENTIONS, Mlp, PatchEmbed, as_batch_timesteps, fast_path, resolve_null_class,
-                   sdpa_packed, timestep_embedding, unpatchify)
+from .layers import (Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, Tokens, as_batch_timesteps,
+                     check_time_convention, fast_path, iter_blocks, modulate, resolve_null_class, unpatchify)
 
 LN_EPS = 1e-6
-
-
-def modulate(x, shift, scale):
-    """x (B, L, C) * (1 + scale (B, C)) + shift (B, C), broadcast over tokens."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def get_2d_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
@@ -43,70 +38,8 @@ def get_2d_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
 
 
 #################################################################################
-#               Embedding layers for timesteps and class labels                 #
-#################################################################################
-
-class TimestepEmbedder(nn.Module):
-    """Scalar timesteps -> (N, hidden) through a 256-d sinusoidal embedding and a SiLU MLP."""
-
-    def __init__(self, hidden_size, frequency_embedding_size=256):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
-        self.frequency_embedding_size = frequency_embedding_size
-
-    def forward(self, t):
-        t_freq = timestep_embedding(t, self.frequency_embedding_size)  # (N, 256) float32
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, hidden)
-
-
-class LabelEmbedder(nn.Module):
-    """Class labels -> (N, hidden). With dropout_prob > 0 there is one extra row (index num_classes),
-    the null label that classifier-free guidance uses; in training labels are dropped to it."""
-
-    def __init__(self, num_classes, hidden_size, dropout_prob):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-
-    def token_drop(self, labels, force_drop_ids=None):
-        if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop = force_drop_ids == 1
-        return torch.where(drop, self.num_classes, labels)
-
-    def forward(self, labels, train, force_drop_ids=None):
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)
-
-
-#################################################################################
 #                                  DiT blocks                                   #
 #################################################################################
-
-class Attention(nn.Module):
-    """Multi-head self-attention from one packed qkv Linear (timm's parameter names, qkv bias)."""
-
-    def __init__(self, dim, num_heads=8, qkv_bias=True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, L, C = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, D), no copy
-        o = ops.attention(qkv, self.scale) if fast_path() else sdpa_packed(qkv, self.scale)  # (B, L, C)
-        return self.proj(o)
-
 
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning."""
@@ -128,13 +61,13 @@ class DiTBlock(nn.Module):
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
-    def forward_fused(self, x, h, mod, next_shift, next_scale):
+    def forward_fused(self, x, h, mod, next_shift, next_scale, next_eps=LN_EPS):
         """Inference path. h = adaln(x) with this block's (shift_msa, scale_msa), produced by whoever
         ran before; mod = this block's six (B, C) chunks. Returns (x_out, adaln(x_out, next_shift,
         next_scale)) so that the next consumer gets its normalised input from the same pass."""
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x, h = ops.gated_adaln(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, LN_EPS)
-        return ops.gated_adaln(x, self.mlp(h), gate_mlp, next_shift, next_scale, LN_EPS)
+        x, h = ops.gated_adaln(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
+        return ops.gated_adaln(x, self.mlp(h), gate_mlp, next_shift, next_scale, next_eps)
 
 
 class FinalLayer(nn.Module):
@@ -173,8 +106,7 @@ class DiT(nn.Module):
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, *,
                  time_convention="int", null_class="auto"):
         super().__init__()
-        if time_convention not in TIME_CONVENTIONS:
-            raise ValueError(f"time_convention must be one of {TIME_CONVENTIONS}, got {time_convention!r}")
+        check_time_convention(time_convention)
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -223,31 +155,66 @@ class DiT(nn.Module):
         """(B, L, p*p*C_out) -> (B, C_out, H, W)."""
         return unpatchify(x, self.out_channels)
 
-    def forward(self, x, t, y):
+    # ---- public pieces: embed, block iteration, head (early-exit heads and graphs compose these) ------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def _mod(self, i, c):
+        """adaLN chunks of block i (six (B, C) views of one Linear output), or the final layer's two."""
+        if i < len(self.blocks):
+            return self.blocks[i].adaLN_modulation(c).chunk(6, dim=1)
+        return self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
+
+    def embed(self, x, t, y) -> Tokens:
+        """(B, C, H, W), t, y -> the state before block 0: patch tokens + position embedding, and the
+        conditioning c = t_emb + y_emb (B, C). Inference path: also block 0's adaLN chunks and its
+        modulated norm1 of the tokens."""
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             raise ValueError(f"DiT built for {self.input_size}x{self.input_size} inputs, "
                              f"got {tuple(x.shape)}")
         x = self.x_embedder(x) + self.pos_embed  # (B, L, C)
         t = as_batch_timesteps(t, x.shape[0], x.device)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, C)
-        if fast_path():
-            h = self._blocks_fused(x, c)
-            return self.unpatchify(self.final_layer.linear(h))
-        for block in self.blocks:
-            x = block(x, c)  # (B, L, C)
-        return self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
+        if not fast_path():
+            return Tokens(x, None, 0, c, ())
+        mod = self._mod(0, c)
+        eps = self.blocks[0].norm1.eps if len(self.blocks) else LN_EPS
+        h = ops.adaln(x, mod[0], mod[1], eps)  # (B, L, C)
+        return Tokens(x, h, 0, c, tuple(mod))
 
-    def _blocks_fused(self, x, c):
-        # c is the same for every block, so all modulations are known up front: each block's last
-        # gated residual is fused with the next block's (or the final layer's) modulated LayerNorm.
-        mods = [blk.adaLN_modulation(c).chunk(6, dim=1) for blk in self.blocks]  # depth x 6 x (B, C)
-        f_shift, f_scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
-        norm_in = [(m[0], m[1]) for m in mods[1:]] + [(f_shift, f_scale)]
-        shift, scale = (mods[0][0], mods[0][1]) if mods else (f_shift, f_scale)
-        h = ops.adaln(x, shift, scale, LN_EPS)  # (B, L, C)
-        for blk, mod, (nshift, nscale) in zip(self.blocks, mods, norm_in):
-            x, h = blk.forward_fused(x, h, mod, nshift, nscale)
-        return h  # modulate(norm_final(x), f_shift, f_scale)
+    def block_step(self, tok: Tokens) -> Tokens:
+        """Run block `tok.index`. Inference path: its last gated residual is fused with the next block's
+        (or the final layer's) modulated LayerNorm; `aux` carries the next block's adaLN chunks, so each
+        adaLN Linear runs once."""
+        i, c = tok.index, tok.cond
+        blk = self.blocks[i]
+        if not fast_path():
+            return Tokens(blk(tok.x, c), None, i + 1, c, ())
+        mod = tok.aux if tok.aux else self._mod(i, c)
+        h = tok.h
+        if h is None:
+            h = ops.adaln(tok.x, mod[0], mod[1], blk.norm1.eps)
+        nxt = self._mod(i + 1, c)
+        next_eps = self.blocks[i + 1].norm1.eps if i + 1 < len(self.blocks) else self.final_layer.norm_final.eps
+        x, h = blk.forward_fused(tok.x, h, mod, nxt[0], nxt[1], next_eps)
+        return Tokens(x, h, i + 1, c, tuple(nxt) if i + 1 < len(self.blocks) else ())
+
+    def iter_blocks(self, tok: Tokens):
+        """Yield the state before every block and after the last (see layers.iter_blocks)."""
+        return iter_blocks(self, tok)
+
+    def head(self, tok: Tokens) -> torch.Tensor:
+        """Final state -> (B, out_channels, H, W): adaLN-modulated final norm, Linear, unpatchify."""
+        if tok.h is not None:
+            return self.unpatchify(self.final_layer.linear(tok.h))
+        return self.unpatchify(self.final_layer(tok.x, tok.cond))  # (B, C_out, H, W)
+
+    def forward(self, x, t, y):
+        tok = self.embed(x, t, y)
+        for _ in range(self.num_blocks):  # a plain loop: torch.compile traces it without graph breaks
+            tok = self.block_step(tok)
+        return self.head(tok)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
         """Classifier-free guidance in one batch, as upstream: the first half of x is duplicated, y holds

@@ -11,146 +11,16 @@ Two paths through every block:
   next LayerNorm), the path that the Triton/CUDA backends accelerate.
 Unlike the official code, attention never upcasts to fp32 (that rules out the fast kernels).
 """
-import math
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from duodiff_fast import ops
-
-TIME_CONVENTIONS = ("int", "frac1000", "cont999")
-
-
-#################################################################################
-#                          Shared layers (also used by DiT)                     #
-#################################################################################
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps: (N,) -> (N, dim) float32, [cos, sin]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]  # (N, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
-
-def unpatchify(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, h*w, p*p*C) -> (B, C, h*p, w*p); the token layout is (p1, p2, C) like both upstreams."""
-    B, L, PPC = x.shape
-    h = w = int(round(L ** 0.5))
-    p = int(round((PPC // channels) ** 0.5))
-    if h * w != L or p * p * channels != PPC:
-        raise ValueError(f"unpatchify: cannot split {tuple(x.shape)} into a square grid of "
-                         f"{channels}-channel patches")
-    x = x.reshape(B, h, w, p, p, channels)
-    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
-    return x.reshape(B, channels, h * p, w * p)
-
-
-def as_batch_timesteps(t, batch: int, device) -> torch.Tensor:
-    """Accept a python number, a 0-dim or a (B,) tensor; return (B,)."""
-    t = torch.as_tensor(t, device=device)
-    if t.dim() == 0:
-        t = t.expand(batch)
-    return t
-
-
-def resolve_null_class(null_class, num_classes: int, default):
-    if null_class == "auto":
-        return default if num_classes > 0 else None
-    return null_class
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens with one strided conv: (B, C, H, W) -> (B, H*W/p^2, D)."""
-
-    def __init__(self, patch_size, in_chans=3, embed_dim=768, bias=True):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
-
-    def forward(self, x):
-        H, W = x.shape[-2:]
-        if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"input {H}x{W} is not divisible by patch size {self.patch_size}")
-        # (B, L, D) with D contiguous: the fused norm kernels read rows along the channel dim
-        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
-
-
-class Mlp(nn.Module):
-    """fc1 -> act -> fc2 (parameter names as timm's Mlp)."""
-
-    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features or in_features)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features or in_features, out_features or in_features)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def sdpa_packed(qkv: torch.Tensor, scale: float) -> torch.Tensor:
-    """Training path attention: (B, L, 3, H, D) -> (B, L, H*D) with torch SDPA, in the input dtype."""
-    B, L, _, H, D = qkv.shape
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D)
-    o = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, H, L, D)
-    return o.transpose(1, 2).reshape(B, L, H * D)
-
-
-def fast_path() -> bool:
-    """The ops path runs whenever no gradient is being recorded (no_grad or inference_mode)."""
-    return not torch.is_grad_enabled()
-
-
-def _is_layer_norm(m) -> bool:
-    return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
-
-
-def norm_fast(norm: nn.Module, x):
-    if _is_layer_norm(norm):
-        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
-    return norm(x)  # a custom norm_layer: nothing to fuse
-
-
-def add_norm_fast(norm: nn.Module, x, update):
-    """(x + update, norm(x + update)); one fused pass when norm is a LayerNorm."""
-    if _is_layer_norm(norm):
-        return ops.add_layer_norm(x, update, norm.weight, norm.bias, norm.eps)
-    x = x + update
-    return x, norm(x)
-
+from .layers import (Attention, Mlp, PatchEmbed, Tokens, add_norm_fast, as_batch_timesteps, check_time_convention,
+                     fast_path, iter_blocks, norm_fast, resolve_null_class, timestep_embedding, unpatchify)
 
 #################################################################################
 #                                 U-ViT blocks                                  #
 #################################################################################
-
-class Attention(nn.Module):
-    """Multi-head self-attention from one packed qkv Linear."""
-
-    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        # Official flash mode ignores qk_scale (SDPA default); its math mode honours it. Every official
-        # config leaves it None, where both agree with this.
-        self.scale = qk_scale or self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, L, C = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, D), no copy
-        if fast_path():
-            o = ops.attention(qkv, self.scale)  # (B, L, C)
-        else:
-            o = sdpa_packed(qkv, self.scale)  # (B, L, C)
-        return self.proj(o)
-
 
 class Block(nn.Module):
     """Pre-LN transformer block; an out-block first merges its long skip: Linear(cat[x, skip])."""
@@ -216,8 +86,7 @@ class UViT(nn.Module):
                  num_classes=-1, use_checkpoint=False, conv=True, skip=True, *,
                  time_convention="int", null_class="auto"):
         super().__init__()
-        if time_convention not in TIME_CONVENTIONS:
-            raise ValueError(f"time_convention must be one of {TIME_CONVENTIONS}, got {time_convention!r}")
+        check_time_convention(time_convention)
         self.num_features = self.embed_dim = embed_dim
         self.in_chans = self.in_channels = self.out_channels = in_chans
         self.img_size = img_size
@@ -268,8 +137,21 @@ class UViT(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed"}
 
-    def embed(self, x, timesteps, y=None):
-        """(B, C, H, W) -> tokens (B, extras + L, D) with position embedding added."""
+    # ---- public pieces: embed, block iteration, head (early-exit heads and graphs compose these) ------
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks in running order: in-blocks, the mid block, out-blocks."""
+        return len(self.in_blocks) + 1 + len(self.out_blocks)
+
+    def block(self, i: int) -> "Block":
+        n_in = len(self.in_blocks)
+        if i < n_in:
+            return self.in_blocks[i]
+        return self.mid_block if i == n_in else self.out_blocks[i - n_in - 1]
+
+    def embed(self, x, timesteps, y=None) -> Tokens:
+        """(B, C, H, W) -> the state before block 0: tokens (B, extras + L, D) with position embedding
+        (and, on the inference path, block 0's norm1 of them)."""
         x = self.patch_embed(x)  # (B, L, D)
         B = x.shape[0]
         t = as_batch_timesteps(timesteps, B, x.device)
@@ -283,40 +165,48 @@ class UViT(nn.Module):
         elif self.num_classes > 0:
             raise ValueError(f"this U-ViT is class-conditional ({self.num_classes} labels): pass y "
                              f"(null_class={self.null_class} for the unconditional branch)")
-        return torch.cat(tokens, dim=1) + self.pos_embed  # (B, extras + L, D)
+        x = torch.cat(tokens, dim=1) + self.pos_embed  # (B, extras + L, D)
+        return Tokens(x, None, 0, None, ())
 
-    def head(self, x):
-        """Normalised tokens (B, extras + L, D) -> image (B, C, H, W)."""
-        x = self.decoder_pred(x)[:, self.extras:]  # (B, L, p*p*C)
+    def block_step(self, tok: Tokens) -> Tokens:
+        """Run block `tok.index`. In-blocks push their output on the long-skip stack (`aux`), out-blocks
+        pop it (LIFO). Inference path: the block's last residual add is fused with the LayerNorm of the
+        next reader (the next block's norm1 unless it has a skip Linear first, or the final norm)."""
+        i, n_in = tok.index, len(self.in_blocks)
+        blk = self.block(i)
+        skips = tok.aux
+        skip = None
+        if i > n_in:
+            skip, skips = skips[-1], skips[:-1]
+        if fast_path():
+            if i + 1 < self.num_blocks:
+                nxt = self.block(i + 1)
+                next_norm = nxt.norm1 if nxt.skip_linear is None else None
+            else:
+                next_norm = self.norm
+            x, h = blk.forward_fused(tok.x, tok.h, skip, next_norm)
+        else:
+            x, h = blk(tok.x, skip), None
+        if i < n_in:
+            skips = skips + (x,)
+        return Tokens(x, h, i + 1, None, skips)
+
+    def iter_blocks(self, tok: Tokens):
+        """Yield the state before every block and after the last (see layers.iter_blocks)."""
+        return iter_blocks(self, tok)
+
+    def head(self, tok) -> torch.Tensor:
+        """Final state (or normalised tokens (B, extras + L, D)) -> image (B, C, H, W): final norm, Linear
+        to patches, drop the condition tokens, unpatchify, 3x3 conv."""
+        if isinstance(tok, Tokens):
+            h = tok.h if tok.h is not None else self.norm(tok.x)
+        else:
+            h = tok
+        x = self.decoder_pred(h)[:, self.extras:]  # (B, L, p*p*C)
         return self.final_layer(unpatchify(x, self.in_chans))  # (B, C, H, W)
 
     def forward(self, x, timesteps, y=None):
-        x = self.embed(x, timesteps, y)
-        if fast_path():
-            return self.head(self._blocks_fused(x))
-        skips = []
-        for blk in self.in_blocks:
-            x = blk(x)
-            skips.append(x)
-        x = self.mid_block(x)
-        for blk in self.out_blocks:
-            x = blk(x, skips.pop())
-        return self.head(self.norm(x))
-
-    def _blocks_fused(self, x):
-        # Each block ends with its residual add fused into the LayerNorm of whatever reads x next:
-        # the next block's norm1 (when that block has no skip Linear in front) or the final norm.
-        blocks = [*self.in_blocks, self.mid_block, *self.out_blocks]
-        n_in = len(self.in_blocks)
-        skips, h = [], None
-        for i, blk in enumerate(blocks):
-            nxt = blocks[i + 1] if i + 1 < len(blocks) else None
-            if nxt is None:
-                next_norm = self.norm
-            else:
-                next_norm = nxt.norm1 if nxt.skip_linear is None else None
-            skip = skips.pop() if i > n_in else None
-            x, h = blk.forward_fused(x, h, skip, next_norm)
-            if i < n_in:
-                skips.append(x)
-        return h  # (B, extras + L, D) = self.norm(x)
+        tok = self.embed(x, timesteps, y)
+        for _ in range(self.num_blocks):  # a plain loop: torch.compile traces it without graph breaks
+            tok = self.block_step(tok)
+        return self.head(tok)

@@ -1,0 +1,132 @@
+"""Backend `cuda`: the compiled extension `duodiff_fast._C` (csrc/), found by `duodiff_fast._cpp_lib`.
+
+Each implementation names the `_C` function it calls (`CPP_FUNCTION`); together they are the extension's
+contract (`_registry.cuda_functions()`). The functions write into outputs allocated here, on the current
+stream.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._registry import FAST_DTYPES, Impl, device_capability, register_impl
+from ..attention import HEAD_DIMS
+
+
+class CudaImpl(Impl):
+    """The hand-written CUDA C++ kernels: CUDA tensors on sm_80+, last dims contiguous."""
+
+    BACKEND = "cuda"
+    SUPPORTED_DTYPES = FAST_DTYPES
+    MIN_COMPUTE_CAPABILITY = (8, 0)
+    NEEDS_LAST_DIM_CONTIGUOUS = True
+    CPP_FUNCTION = ""
+
+    @classmethod
+    def unavailable_reasons(cls):
+        from ... import _cpp_lib
+
+        reasons = _cpp_lib.unavailable_reasons()
+        if not reasons and cls.CPP_FUNCTION in _cpp_lib.missing_ops():
+            reasons = [f"duodiff_fast._C has no {cls.CPP_FUNCTION}()"]
+        return reasons
+
+    @classmethod
+    def device_reasons(cls, inp):
+        from ... import _cpp_lib
+
+        reasons = super().device_reasons(inp)
+        main = inp.tensors[0]
+        if not reasons and _cpp_lib.is_available():
+            major, minor = device_capability(main.device_index)
+            if _cpp_lib.arch_supported(major, minor) is False:
+                reasons.append(f"duodiff_fast._C was built for sm_{'/'.join(_cpp_lib.built_archs())}, "
+                               f"cuda:{main.device_index} is sm_{major}{minor}")
+        return reasons
+
+    @classmethod
+    def lib(cls):
+        from ... import _cpp_lib
+
+        return _cpp_lib.get()
+
+
+@register_impl
+class CudaAttention(CudaImpl):
+    OP = "attention"
+    SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16})
+    SUPPORTED_HEAD_DIMS = HEAD_DIMS
+    CPP_FUNCTION = "attention"
+
+    @classmethod
+    def apply(cls, qkv, scale):
+        B, L, _, H, D = qkv.shape
+        out = qkv.new_empty(B, L, H * D)
+        cls.lib().attention(qkv, float(scale), out)
+        return out
+
+
+class _CudaNorm(CudaImpl):
+    CPP_FUNCTION = "norm"
+
+    @classmethod
+    def run(cls, x, *, eps, weight=None, bias=None, update=None, gate=None, shift=None, scale=None):
+        shape = x.shape
+        if gate is not None or shift is not None:
+            if x.dim() == 2:
+                x = x.unsqueeze(1)
+                update = None if update is None else update.unsqueeze(1)
+        else:  # the extension takes [B, L, C]: rows of the flattened leading dims as one sample
+            x = x.reshape(1, -1, shape[-1])
+            update = None if update is None else update.reshape(1, -1, shape[-1])
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        r = None if update is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        cls.lib().norm(x, weight, bias, update, gate, shift, scale, float(eps), y, r)
+        return (None if r is None else r.view(shape)), y.view(shape)
+
+
+@register_impl
+class CudaLayerNorm(_CudaNorm):
+    OP = "layer_norm"
+
+    @classmethod
+    def apply(cls, x, weight, bias, eps):
+        return cls.run(x, eps=eps, weight=weight, bias=bias)[1]
+
+
+@register_impl
+class CudaAddLayerNorm(_CudaNorm):
+    OP = "add_layer_norm"
+
+    @classmethod
+    def apply(cls, x, update, weight, bias, eps):
+        return cls.run(x, eps=eps, weight=weight, bias=bias, update=update)
+
+
+@register_impl
+class CudaAdaln(_CudaNorm):
+    OP = "adaln"
+
+    @classmethod
+    def apply(cls, x, shift, scale, eps, weight=None, bias=None):
+        return cls.run(x, eps=eps, weight=weight, bias=bias, shift=shift, scale=scale)[1]
+
+
+@register_impl
+class CudaGatedAdaln(_CudaNorm):
+    OP = "gated_adaln"
+
+    @classmethod
+    def apply(cls, x, update, gate, shift, scale, eps):
+        return cls.run(x, eps=eps, update=update, gate=gate, shift=shift, scale=scale)
+
+
+@register_impl
+class CudaExitConfidence(CudaImpl):
+    OP = "exit_confidence"
+    CPP_FUNCTION = "exit_confidence"
+
+    @classmethod
+    def apply(cls, h, weight, bias, start):
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        cls.lib().exit_confidence(h, weight, bias, int(start), out)
+        return out
