@@ -7,7 +7,6 @@ Arguments and the output folder are checked before any long work starts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -117,14 +116,9 @@ def cmd_sample(args):
     from .data import save_grid
     from .distributed import all_reduce_max, barrier, distributed_session
     from .sampling.sharded import merge_shards, remove_shards, sample_sharded
-    from .models.configs import SHALLOW_DEPTH, get_preset
+    from .models.configs import SHALLOW_DEPTH, get_preset, is_latent
+    from .models.configs import load_spec as spec_of
     from .sampling import DuoSampler
-
-    def spec_of(text):  # a preset name or a JSON spec file (what `duodiff-fast train` writes as model.json)
-        if text.endswith(".json") or os.path.isfile(text):
-            with open(text) as f:
-                return get_preset(json.load(f))
-        return get_preset(text)
 
     from . import _io
     deep_spec = spec_of(args.deep)
@@ -153,7 +147,7 @@ def cmd_sample(args):
                 print(f"guidance: the preset's recommended cfg_scale {cfg:g} (--cfg off to disable)")
         sampler = DuoSampler(shallow, deep, schedule=schedule, solver=args.solver, steps=args.steps,
                              switch=args.switch, cfg_scale=cfg, eta=args.eta)
-        latent = bool(deep_spec.get("latent", sampler.in_channels not in (1, 3)))
+        latent = is_latent(deep_spec, sampler.in_channels)
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
             remove_shards(args.out)  # shards of an earlier run (maybe with more ranks) would not merge

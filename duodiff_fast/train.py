@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from . import _io
 from . import distributed as ddist
 from ._validate import ArgumentError, check_choice, check_float, check_int, describe
+from .conventions import TIME_CONVENTIONS, allowed_conventions, default_convention
+from .conventions import label_range as _label_range
 
 __all__ = ["TrainConfig", "train", "add_cli", "init_from_deep", "block_mapping", "EMA", "WarmupCosine",
            "resolve_spec", "latest_checkpoint"]
@@ -152,17 +154,10 @@ class TrainConfig:
 # -----------------------------------------------------------------------------
 
 def resolve_spec(model) -> dict:
-    """A preset name, a path to a JSON spec, or a spec dict -> a checked spec dict (a copy). Preset
-    names are remembered under 'preset'."""
-    from .models.configs import get_preset
-    if isinstance(model, dict):
-        return get_preset(model)
-    if isinstance(model, str) and (model.endswith(".json") or os.path.isfile(model)):
-        with open(model) as f:
-            return get_preset(json.load(f))
-    spec = get_preset(model)
-    spec["preset"] = model
-    return spec
+    """A preset name, a path to a JSON spec, or a spec dict -> a checked spec dict (a copy); see
+    `duodiff_fast.models.configs.load_spec`."""
+    from .models.configs import load_spec
+    return load_spec(model)
 
 
 def _schedule_dict(s) -> dict:
@@ -178,13 +173,13 @@ def _effective_spec(cfg: TrainConfig, spec: dict) -> tuple[dict, object]:
         own = _schedule_dict(spec.get("schedule", {"name": "linear"}))
         sched = own if own.get("name") != "vpsde" else {"name": "linear"}
     schedule = get_schedule(sched)
-    allowed = ("int", "frac1000") if schedule.kind == "discrete" else ("cont999",)
+    allowed = allowed_conventions(schedule.kind)
     conv = cfg.time_convention or spec.get("time_convention")
     if conv not in allowed:
         if cfg.time_convention is not None:
             raise ValueError(f"time_convention {cfg.time_convention!r} does not fit the {schedule.kind} "
                              f"schedule {schedule.name!r}; use one of {allowed}")
-        conv = "frac1000" if schedule.kind == "discrete" else "cont999"
+        conv = default_convention(schedule.kind)
     spec = dict(spec, schedule=sched, time_convention=conv)
     return spec, schedule
 
@@ -553,7 +548,7 @@ class _Batch:
         # Labels.
         self.num_classes = int(getattr(model, "num_classes", 0) or 0)
         null = getattr(model, "null_class", None)
-        self.label_range = null if null is not None and null < self.num_classes else self.num_classes
+        self.label_range = _label_range(self.num_classes, null)
         ds_classes = int(getattr(dataset, "num_classes", 0) or 0)
         self.drop_p, self.null = 0.0, null
         if self.num_classes > 0:
@@ -883,7 +878,7 @@ def add_cli(subparsers):
     p.add_argument("--label-dropout", type=float, default=d.label_dropout)
     p.add_argument("--schedule", default=None,
                    help="training schedule (default: the model's discrete one, else linear)")
-    p.add_argument("--time-convention", default=None, choices=["int", "frac1000", "cont999"])
+    p.add_argument("--time-convention", default=None, choices=list(TIME_CONVENTIONS))
     p.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"])
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", nargs="?", const="latest", default=None,

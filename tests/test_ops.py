@@ -14,6 +14,7 @@ import pytest
 
 from duodiff_fast import ops
 from duodiff_fast.ops import _registry
+from duodiff_fast.ops.numerics import assert_flash_rule
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,18 +51,8 @@ def _randn(*shape, dtype=torch.float32, gen=None):
 
 
 def assert_rule(name, out, ref64, same_dtype, dtype):
-    """DESIGN §6: max|out - ref64| <= 2 * max|torch_same_dtype - ref64| + atol(dtype)."""
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite output (an element not written?)"
-    err = (out.double() - ref64).abs()
-    base = (same_dtype.double() - ref64).abs().max().item()
-    bound = 2 * base + ATOL[dtype]
-    print(f"{name}: max err {err.max().item():.3e}, mean {err.mean().item():.3e}; "
-          f"torch {dtype} max err {base:.3e}; bound {bound:.3e}")
-    if err.max().item() > bound:
-        idx = tuple(int(i) for i in torch.nonzero(err > bound)[0])
-        pytest.fail(f"{name}: max err {err.max().item():.3e} > bound {bound:.3e}; first mismatch at {idx}: "
-                    f"got {out[idx].item():.6g}, want {ref64[idx].item():.6g}")
+    """DESIGN §6 (duodiff_fast.ops.numerics): max|out - ref64| <= 2 * max|torch_same_dtype - ref64| + atol."""
+    assert_flash_rule(name, out, ref64, same_dtype, dtype, ATOL[dtype])
 
 
 # --------------------------------------------------------------------------------------------------

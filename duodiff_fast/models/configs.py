@@ -49,6 +49,21 @@ def _uvit(img_size, patch_size, embed_dim, depth, num_heads, num_classes, in_cha
     return kw
 
 
+def _latent_uvit(image, patch, width, depth, size, discrete, upstream_s):
+    """A U-ViT ImageNet latent preset row. 1001 labels, label 1000 = unconditional. Upstream guides with
+    cond + s (cond - uncond), s=0.4 at 256 and 0.7 at 512 (configs/imagenet{256,512}_uvit_*.py): that is
+    w = 1 + s in our (diffusers') convention. U-ViT-H models are the discrete ones (train_ldm_discrete.py,
+    t in 1..1000, no final conv); U-ViT-L the continuous VP-SDE ones (train_ldm.py)."""
+    grid = image // 8
+    name = f"uvit_imagenet{image}_{'huge' if discrete else 'large'}"
+    kwargs = _uvit(grid, patch, width, depth, 16, 1001, in_chans=4, conv=not discrete)
+    how = "discrete t in 1..1000 (train_ldm_discrete.py)" if discrete else "continuous VP-SDE (train_ldm.py)"
+    desc = (f"U-ViT-{size}/{patch}, ImageNet {image} latent 4x{grid}x{grid}, {how}, guidance {1 + upstream_s:g} "
+            f"(upstream s={upstream_s:g})")
+    return (name, kwargs, "int" if discrete else "cont999", SCALED_LINEAR if discrete else VPSDE, True,
+            {"cfg_scale": round(1 + upstream_s, 6)}, desc)
+
+
 # (name, kwargs, time_convention, schedule, latent, extra, description); one row per official config.
 _UVIT = [
     ("uvit_cifar10_small", _uvit(32, 2, 512, 12, 8, -1), "cont999", VPSDE, False, {},
@@ -60,20 +75,11 @@ _UVIT = [
      "U-ViT-M/4, ImageNet 64x64 class-conditional (configs/imagenet64_uvit_mid.py)"),
     ("uvit_imagenet64_large", _uvit(64, 4, 1024, 20, 16, 1000), "cont999", VPSDE, False, {"null_class": None},
      "U-ViT-L/4, ImageNet 64x64 class-conditional (configs/imagenet64_uvit_large.py)"),
-    # 1001 labels, label 1000 = unconditional. Upstream guides with cond + s (cond - uncond), s=0.4 at 256
-    # and 0.7 at 512 (configs/imagenet{256,512}_uvit_*.py): w = 1 + s in our (diffusers') convention.
-    ("uvit_imagenet256_large", _uvit(32, 2, 1024, 20, 16, 1001, in_chans=4), "cont999", VPSDE, True,
-     {"cfg_scale": 1.4},
-     "U-ViT-L/2, ImageNet 256 latent 4x32x32, continuous VP-SDE (train_ldm.py), guidance 1.4 (upstream s=0.4)"),
-    ("uvit_imagenet256_huge", _uvit(32, 2, 1152, 28, 16, 1001, in_chans=4, conv=False), "int", SCALED_LINEAR,
-     True, {"cfg_scale": 1.4}, "U-ViT-H/2, ImageNet 256 latent 4x32x32, discrete t in 1..1000 "
-     "(train_ldm_discrete.py), guidance 1.4 (upstream s=0.4)"),
-    ("uvit_imagenet512_large", _uvit(64, 4, 1024, 20, 16, 1001, in_chans=4), "cont999", VPSDE, True,
-     {"cfg_scale": 1.7},
-     "U-ViT-L/4, ImageNet 512 latent 4x64x64, continuous VP-SDE (train_ldm.py), guidance 1.7 (upstream s=0.7)"),
-    ("uvit_imagenet512_huge", _uvit(64, 4, 1152, 28, 16, 1001, in_chans=4, conv=False), "int", SCALED_LINEAR,
-     True, {"cfg_scale": 1.7}, "U-ViT-H/4, ImageNet 512 latent 4x64x64, discrete t in 1..1000 "
-     "(train_ldm_discrete.py), guidance 1.7 (upstream s=0.7)"),
+    # 1001 labels, label 1000 = unconditional (see _latent_uvit).
+    _latent_uvit(256, 2, 1024, 20, "L", False, 0.4),
+    _latent_uvit(256, 2, 1152, 28, "H", True, 0.4),
+    _latent_uvit(512, 4, 1024, 20, "L", False, 0.7),
+    _latent_uvit(512, 4, 1152, 28, "H", True, 0.7),
 ]
 # DiT's sample.py draws its images with cfg-scale 4.0 (its FID-50K runs use 1.5); the scale multiplies
 # (cond - uncond) exactly as diffusers does. forward_with_cfg guides the first 3 of the 4 eps channels.
@@ -172,3 +178,40 @@ def create_model(name_or_dict, **overrides) -> nn.Module:
     if "cfg_channels" in preset:
         model.cfg_channels = preset["cfg_channels"]
     return model
+
+
+def load_spec(model) -> dict:
+    """A preset name, a path to a JSON spec (what `duodiff-fast train` writes as model.json), or a spec
+    dict -> a checked spec dict (a copy). Preset names are remembered under 'preset'. The one place that
+    reads model specs (train, sample, eval and the demo all call it)."""
+    import json
+    import os
+
+    if isinstance(model, dict):
+        return get_preset(model)
+    if isinstance(model, (str, os.PathLike)) and (str(model).endswith(".json") or os.path.isfile(model)):
+        path = os.fspath(model)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model spec file not found: {path}")
+        try:
+            with open(path) as f:
+                spec = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path} is not a JSON model spec ({e}); expected what `duodiff-fast train` "
+                             "writes as model.json") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: a model spec is a JSON object, got {type(spec).__name__}")
+        return get_preset(spec)
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a preset name, a JSON spec path or a spec dict, got {type(model).__name__}")
+    spec = get_preset(model)
+    spec["preset"] = model
+    return spec
+
+
+def is_latent(spec: dict | None, in_channels: int | None = None) -> bool:
+    """Whether samples are VAE latents (not pixels): the spec says so; without a spec, anything but 1 or 3
+    channels is taken for latents."""
+    if spec is not None and "latent" in spec:
+        return bool(spec["latent"])
+    return in_channels not in (1, 3)

@@ -15,7 +15,8 @@ import torch.nn as nn
 from duodiff_fast import ops
 
 from .layers import (Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, Tokens, as_batch_timesteps,
-                     check_time_convention, fast_path, iter_blocks, modulate, resolve_null_class, unpatchify)
+                     check_time_convention, fast_path, iter_blocks, model_label_range, modulate, resolve_null_class,
+                     unpatchify)
 
 LN_EPS = 1e-6
 
@@ -156,6 +157,11 @@ class DiT(nn.Module):
         return unpatchify(x, self.out_channels)
 
     # ---- public pieces: embed, block iteration, head (early-exit heads and graphs compose these) ------
+    @property
+    def label_range(self) -> int:
+        """Real class labels are [0, label_range) (the null class of guidance excluded)."""
+        return model_label_range(self)
+
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from duodiff_fast import ops
-
-TIME_CONVENTIONS = ("int", "frac1000", "cont999")
+from duodiff_fast.conventions import TIME_CONVENTIONS, check_time_convention  # noqa: F401  (re-exported)
+from duodiff_fast.conventions import label_range as _label_range
 
 
 #################################################################################
@@ -88,9 +88,9 @@ def resolve_null_class(null_class, num_classes: int, default):
     return null_class
 
 
-def check_time_convention(time_convention):
-    if time_convention not in TIME_CONVENTIONS:
-        raise ValueError(f"time_convention must be one of {TIME_CONVENTIONS}, got {time_convention!r}")
+def model_label_range(model) -> int:
+    """[0, label_range) are a model's real class labels (see conventions.label_range)."""
+    return _label_range(getattr(model, "num_classes", 0), getattr(model, "null_class", None))
 
 
 class PatchEmbed(nn.Module):

@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from .layers import (Attention, Mlp, PatchEmbed, Tokens, add_norm_fast, as_batch_timesteps, check_time_convention,
-                     fast_path, iter_blocks, norm_fast, resolve_null_class, timestep_embedding, unpatchify)
+                     fast_path, iter_blocks, model_label_range, norm_fast, resolve_null_class, timestep_embedding,
+                     unpatchify)
 
 #################################################################################
 #                                 U-ViT blocks                                  #
@@ -138,6 +139,11 @@ class UViT(nn.Module):
         return {"pos_embed"}
 
     # ---- public pieces: embed, block iteration, head (early-exit heads and graphs compose these) ------
+    @property
+    def label_range(self) -> int:
+        """Real class labels are [0, label_range) (the null class of guidance excluded)."""
+        return model_label_range(self)
+
     @property
     def num_blocks(self) -> int:
         """Transformer blocks in running order: in-blocks, the mid block, out-blocks."""

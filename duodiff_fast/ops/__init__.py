@@ -76,6 +76,12 @@ def explain(op, *inputs, backend=None):
 
 
 __all__ = [
+    "adaln_op",
+    "add_layer_norm_op",
+    "attention_op",
+    "exit_confidence_op",
+    "gated_adaln_op",
+    "layer_norm_op",
     "BACKEND_NAMES",
     "IMPLS",
     "OPS",

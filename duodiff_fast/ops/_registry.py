@@ -98,25 +98,25 @@ def implementations(op: str) -> dict:
     return dict(IMPLS[op])
 
 
+def _impl_table(backend: str, attr: str) -> dict:
+    """{value of `attr` on `backend`'s implementations: [ops]} (implementations without it skipped)."""
+    out = {}
+    for op, impls in IMPLS.items():
+        value = getattr(impls.get(backend), attr, None)
+        if value:
+            out.setdefault(value, []).append(op)
+    return out
+
+
 def kernel_modules() -> dict:
     """{module: [ops]} of the Triton kernel modules (`duodiff_fast.kernels.<module>`), for the compile
     report: each module's `aot_specs()` lists its compile configurations."""
-    out = {}
-    for op, impls in IMPLS.items():
-        cls = impls.get("triton")
-        if cls is not None and getattr(cls, "KERNEL_MODULE", None):
-            out.setdefault(cls.KERNEL_MODULE, []).append(op)
-    return out
+    return _impl_table("triton", "KERNEL_MODULE")
 
 
 def cuda_functions() -> dict:
     """{`_C` function name: [ops]}: what the compiled extension must export (its contract)."""
-    out = {}
-    for op, impls in IMPLS.items():
-        cls = impls.get("cuda")
-        if cls is not None and getattr(cls, "CPP_FUNCTION", None):
-            out.setdefault(cls.CPP_FUNCTION, []).append(op)
-    return out
+    return _impl_table("cuda", "CPP_FUNCTION")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -237,28 +237,10 @@ SPECS = {op: register_op(OpSpec(name=op, inputs=_INPUTS[op], summary=_SUMMARY[op
                                 examples=_examples_of(op), bytes=_bytes_of(op))) for op in NORM_OPS}
 
 
-@register_impl
-class TorchLayerNorm(TorchImpl):
-    OP = "layer_norm"
-    apply = staticmethod(layer_norm_torch)
-
-
-@register_impl
-class TorchAddLayerNorm(TorchImpl):
-    OP = "add_layer_norm"
-    apply = staticmethod(add_layer_norm_torch)
-
-
-@register_impl
-class TorchAdaln(TorchImpl):
-    OP = "adaln"
-    apply = staticmethod(adaln_torch)
-
-
-@register_impl
-class TorchGatedAdaln(TorchImpl):
-    OP = "gated_adaln"
-    apply = staticmethod(gated_adaln_torch)
+# One torch implementation class per op (the registry's unit), made from the functions above.
+TORCH_IMPLS = {op: register_impl(type(f"Torch_{op}", (TorchImpl,), {"OP": op, "apply": staticmethod(fn)}))
+               for op, fn in (("layer_norm", layer_norm_torch), ("add_layer_norm", add_layer_norm_torch),
+                              ("adaln", adaln_torch), ("gated_adaln", gated_adaln_torch))}
 
 
 # --------------------------------------------------------------------------------------------------

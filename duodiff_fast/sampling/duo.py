@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .._validate import ArgumentError, check_float, check_int, describe
+from ..conventions import label_range as _label_range
 from .schedules import Schedule, get_schedule
 from .segments import Denoiser, draw_step_noise, plan_segments, run_segment
 from .solvers import get_solver, solver_name
@@ -328,9 +329,7 @@ class DuoSampler:
 
     def label_range(self) -> int:
         """Real class labels are [0, label_range): the null class of guidance is not one of them."""
-        # U-ViT's ImageNet models reserve their last class as the "no label" class for guidance.
-        null = getattr(self.deep, "null_class", None)
-        return null if null is not None and null < self.num_classes else self.num_classes
+        return _label_range(self.num_classes, getattr(self.deep, "null_class", None))
 
     def _randn(self, shape, generator):
         gdev = generator.device if generator is not None else self.device

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .._validate import ArgumentError, check_choice, check_float, check_int
+from ..conventions import TIME_CONVENTIONS, allowed_conventions
 
 __all__ = [
     "Schedule", "DiscreteSchedule", "VPSDESchedule",
@@ -26,7 +27,7 @@ __all__ = [
 
 DISCRETE_SPACINGS = ("leading", "trailing", "linspace")
 CONTINUOUS_SPACINGS = ("uniform", "linspace", "logSNR")  # 'linspace' == 'uniform' for continuous time
-MODEL_TIME_CONVENTIONS = ("int", "frac1000", "cont999")
+MODEL_TIME_CONVENTIONS = tuple(TIME_CONVENTIONS)
 
 
 class Schedule:
@@ -51,7 +52,7 @@ class Schedule:
         if convention not in MODEL_TIME_CONVENTIONS:
             raise ValueError(f"unknown time convention {convention!r}; "
                              f"expected one of {MODEL_TIME_CONVENTIONS}")
-        allowed = ("int", "frac1000") if self.kind == "discrete" else ("cont999",)
+        allowed = allowed_conventions(self.kind)
         if convention not in allowed:
             raise ValueError(
                 f"time convention {convention!r} does not fit the {self.kind} schedule {self.name!r}; "

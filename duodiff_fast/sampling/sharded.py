@@ -28,7 +28,8 @@ SHARD_PATTERN = "shard_{rank:03d}.npz"
 def _is_latent(sampler, latent):
     if latent is not None:
         return bool(latent)
-    return sampler.in_channels not in (1, 3)
+    from ..models.configs import is_latent
+    return is_latent(None, sampler.in_channels)
 
 
 def sample_sharded(sampler, n: int, batch_size: int, seed: int, out_dir: str, rank: int = 0, world: int = 1,

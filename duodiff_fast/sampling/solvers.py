@@ -122,6 +122,18 @@ def _x0(x, eps, rs, ss, i, clip):
     return x0 if clip is None else x0.clamp(-clip, clip)
 
 
+def _first_order_step(solver, i, x, eps, noise, coef, on_eps):
+    """DDPM / DDIM update: x0 * c_x0[i] + (eps if on_eps else x) * coef[i] (+ noise * std[i])."""
+    solver._check_noise(i, noise)
+    cdt = solver._compute_dtype(x)
+    xc, ec = x.to(cdt), eps.to(cdt)
+    x0 = _x0(xc, ec, solver._rs, solver._ss, i, solver.clip_sample)
+    out = x0 * solver._c_x0[i] + (ec if on_eps else xc) * coef[i]
+    if noise is not None:
+        out = out + noise.to(cdt) * solver._std[i]
+    return out.to(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # DDPM ancestral
 # ---------------------------------------------------------------------------------------------------------
@@ -160,14 +172,7 @@ class DDPMSolver(Solver):
 
     def step(self, state, i, x, eps, noise=None):
         """x_t -> x_prev from the network's epsilon; ``noise`` ~ N(0, I) where ``needs_noise(i)``."""
-        self._check_noise(i, noise)
-        cdt = self._compute_dtype(x)
-        xc, ec = x.to(cdt), eps.to(cdt)
-        x0 = _x0(xc, ec, self._rs, self._ss, i, self.clip_sample)
-        out = x0 * self._c_x0[i] + xc * self._c_x[i]
-        if noise is not None:
-            out = out + noise.to(cdt) * self._std[i]
-        return out.to(x.dtype)
+        return _first_order_step(self, i, x, eps, noise, self._c_x, on_eps=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,14 +222,7 @@ class DDIMSolver(Solver):
 
     def step(self, state, i, x, eps, noise=None):
         """x_t -> x_prev; ``noise`` ~ N(0, I) where ``needs_noise(i)`` (eta > 0)."""
-        self._check_noise(i, noise)
-        cdt = self._compute_dtype(x)
-        xc, ec = x.to(cdt), eps.to(cdt)
-        x0 = _x0(xc, ec, self._rs, self._ss, i, self.clip_sample)
-        out = x0 * self._c_x0[i] + ec * self._c_eps[i]
-        if noise is not None:
-            out = out + noise.to(cdt) * self._std[i]
-        return out.to(x.dtype)
+        return _first_order_step(self, i, x, eps, noise, self._c_eps, on_eps=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

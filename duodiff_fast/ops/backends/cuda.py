@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ._norm import register_norm_family
 from .._registry import FAST_DTYPES, Impl, device_capability, register_impl
 from ..attention import HEAD_DIMS
 
@@ -84,40 +85,7 @@ class _CudaNorm(CudaImpl):
         return (None if r is None else r.view(shape)), y.view(shape)
 
 
-@register_impl
-class CudaLayerNorm(_CudaNorm):
-    OP = "layer_norm"
-
-    @classmethod
-    def apply(cls, x, weight, bias, eps):
-        return cls.run(x, eps=eps, weight=weight, bias=bias)[1]
-
-
-@register_impl
-class CudaAddLayerNorm(_CudaNorm):
-    OP = "add_layer_norm"
-
-    @classmethod
-    def apply(cls, x, update, weight, bias, eps):
-        return cls.run(x, eps=eps, weight=weight, bias=bias, update=update)
-
-
-@register_impl
-class CudaAdaln(_CudaNorm):
-    OP = "adaln"
-
-    @classmethod
-    def apply(cls, x, shift, scale, eps, weight=None, bias=None):
-        return cls.run(x, eps=eps, weight=weight, bias=bias, shift=shift, scale=scale)[1]
-
-
-@register_impl
-class CudaGatedAdaln(_CudaNorm):
-    OP = "gated_adaln"
-
-    @classmethod
-    def apply(cls, x, update, gate, shift, scale, eps):
-        return cls.run(x, eps=eps, update=update, gate=gate, shift=shift, scale=scale)
+NORM_IMPLS = register_norm_family(_CudaNorm)
 
 
 @register_impl

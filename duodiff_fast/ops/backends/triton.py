@@ -12,6 +12,7 @@ import importlib
 
 import torch
 
+from ._norm import register_norm_family
 from .._registry import FAST_DTYPES, Impl, kernel_import_error, register_impl
 from ..attention import HEAD_DIMS
 
@@ -96,40 +97,7 @@ class _TritonNorm(TritonImpl):
         return r, y
 
 
-@register_impl
-class TritonLayerNorm(_TritonNorm):
-    OP = "layer_norm"
-
-    @classmethod
-    def apply(cls, x, weight, bias, eps):
-        return cls.run(x, eps=eps, weight=weight, bias=bias)[1]
-
-
-@register_impl
-class TritonAddLayerNorm(_TritonNorm):
-    OP = "add_layer_norm"
-
-    @classmethod
-    def apply(cls, x, update, weight, bias, eps):
-        return cls.run(x, eps=eps, weight=weight, bias=bias, update=update)
-
-
-@register_impl
-class TritonAdaln(_TritonNorm):
-    OP = "adaln"
-
-    @classmethod
-    def apply(cls, x, shift, scale, eps, weight=None, bias=None):
-        return cls.run(x, eps=eps, weight=weight, bias=bias, shift=shift, scale=scale)[1]
-
-
-@register_impl
-class TritonGatedAdaln(_TritonNorm):
-    OP = "gated_adaln"
-
-    @classmethod
-    def apply(cls, x, update, gate, shift, scale, eps):
-        return cls.run(x, eps=eps, update=update, gate=gate, shift=shift, scale=scale)
+NORM_IMPLS = register_norm_family(_TritonNorm)
 
 
 @register_impl
