@@ -133,3 +133,19 @@ def check_writable_dir(path, what: str = "--out") -> str:
     except OSError as e:
         raise PermissionError(f"{what} {path!r} is not writable: {e.strerror or e}") from None
     return path
+
+
+def read_json_object(path, expected: str, error=ValueError) -> dict:
+    """The JSON object in `path`; `error` (naming the path and `expected`) when it is missing, not JSON,
+    or not an object."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file; expected {expected}")
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}); expected {expected}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path} holds a {type(obj).__name__}; expected {expected} (a JSON object)")
+    return obj

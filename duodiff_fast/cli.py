@@ -64,6 +64,21 @@ def parse_switch(text: str):
     return value
 
 
+def parse_solver(text: str):
+    """'ddim' / 'ddpm' / 'dpmsolver++' (any case), or 'diffusers:<SchedulerClass>'."""
+    t = text.strip()
+    if t.lower().startswith("diffusers:"):
+        name = t.split(":", 1)[1].strip()
+        if not name:
+            raise argparse.ArgumentTypeError("diffusers:<SchedulerClass> needs a class name, e.g. "
+                                             "diffusers:UniPCMultistepScheduler")
+        return "diffusers:" + name
+    if t.lower() not in ("ddim", "ddpm", "dpmsolver++"):
+        raise argparse.ArgumentTypeError(f"unknown solver {text!r}; choose ddim, ddpm, dpmsolver++ or "
+                                         "diffusers:<SchedulerClass>")
+    return t.lower()
+
+
 def parse_cfg(text: str):
     """'--cfg 4.0' (diffusers' convention; >= 0), 'preset' (the preset's recommended scale) or 'off'."""
     t = text.strip().lower()
@@ -91,7 +106,9 @@ def _add_sampling_args(p):
     p.add_argument("--shallow-ckpt", default=None, help="checkpoint for the shallow model")
     p.add_argument("--switch", type=parse_switch, default=0.3,
                    help="fraction of steps on the shallow model (0 = deep only), or t=600 for a timestep")
-    p.add_argument("--solver", default="ddim", type=str.lower, choices=["ddim", "ddpm", "dpmsolver++"])
+    p.add_argument("--solver", default="ddim", type=parse_solver,
+                   help="ddim | ddpm | dpmsolver++ (the library's solvers, CUDA-graph capturable), or "
+                        "diffusers:<SchedulerClass> (e.g. diffusers:UniPCMultistepScheduler; eager, needs diffusers)")
     p.add_argument("--steps", type=argtype_int(1), default=50)
     p.add_argument("--eta", type=argtype_float(0.0, 1.0), default=0.0, help="DDIM eta in [0, 1]")
     p.add_argument("--cfg", type=parse_cfg, default="preset",
@@ -145,9 +162,18 @@ def cmd_sample(args):
             cfg = deep_spec.get("cfg_scale") if getattr(deep, "num_classes", 0) else None
             if cfg is not None and rank == 0:
                 print(f"guidance: the preset's recommended cfg_scale {cfg:g} (--cfg off to disable)")
-        sampler = DuoSampler(shallow, deep, schedule=schedule, solver=args.solver, steps=args.steps,
+        solver = args.solver
+        if solver.startswith("diffusers:"):
+            from .sampling.diffusers_loop import make_scheduler
+            solver = make_scheduler(solver.split(":", 1)[1], schedule)
+        sampler = DuoSampler(shallow, deep, schedule=schedule, solver=solver, steps=args.steps,
                              switch=args.switch, cfg_scale=cfg, eta=args.eta)
         latent = is_latent(deep_spec, sampler.in_channels)
+        if args.vae is not None:  # checked before sampling: a wrong folder fails now, not after the run
+            if not latent:
+                raise CLIError(f"--vae {args.vae}: {args.deep} is a pixel model; --vae decodes latent models only")
+            from .vae import check_vae_folder
+            check_vae_folder(args.vae, latent_channels=sampler.in_channels)
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
             remove_shards(args.out)  # shards of an earlier run (maybe with more ranks) would not merge
@@ -168,7 +194,16 @@ def cmd_sample(args):
         rate = f"{args.n / seconds:.2f} images/s" if seconds else "n/a images/s"
         print(f"wrote {npz} ({args.n} samples, {sampler.k}/{args.steps} steps on the shallow model, "
               f"{rate} on {world} x {device.type})")
-        if not latent:
+        if latent and args.vae is not None:
+            from .models.configs import LATENT_SCALE
+            from .vae import decode_and_save
+            dec = decode_and_save(args.out, args.vae, latent_scale=deep_spec.get("latent_scale", LATENT_SCALE),
+                                  device=device, batch_size=args.batch_size)
+            meta["vae"] = args.vae
+            _io.write_json(os.path.join(args.out, "samples.json"), meta)
+            print(f"decoded {dec['n']} latents with {args.vae}: {dec['samples']} (uint8 images), "
+                  f"{dec['latents']}, {dec['images']}/, {dec['grid']}")
+        elif not latent:
             with np.load(npz) as z:
                 u8 = z["arr_0"][:64]
             grid = os.path.join(args.out, "grid.png")
@@ -176,7 +211,8 @@ def cmd_sample(args):
                 save_grid(torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0, tmp)
             print(f"wrote {grid}")
         else:
-            print("latent model: samples saved as latents (decode them with your VAE); no PNG grid")
+            print("latent model: samples.npz holds latents; pass --vae PATH (a local diffusers AutoencoderKL "
+                  "folder, e.g. DiT-XL-2-256/vae) to write images")
         return 0
 
 
@@ -220,9 +256,11 @@ def build_parser():
     p.add_argument("--batch-size", type=argtype_int(1), default=16)
     p.add_argument("--seed", type=argtype_int(0), default=0)
     p.add_argument("--out", default="out/samples")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="local diffusers AutoencoderKL folder: decode latents to images (latent presets)")
     p.set_defaults(func=cmd_sample)
 
-    for mod in ("train", "eval", "demo"):
+    for mod in ("train", "eval", "demo", "export"):
         try:
             module = __import__(f"duodiff_fast.{mod}", fromlist=["add_cli"])
         except ImportError as e:  # a subcommand whose module has not landed is simply absent

@@ -273,14 +273,11 @@ def _read_state_dict(source) -> dict:
         return source.state_dict()
     if isinstance(source, dict):
         return source
-    from .models.checkpoint import unwrap_state_dict
+    from .models.checkpoint import read_state_dict  # clear errors; also reads diffusers DiT folders
     path = os.fspath(source)
     if not os.path.exists(path):
         raise FileNotFoundError(f"init_from_deep: no checkpoint at {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # EMA preferred
+    return read_state_dict(path)  # EMA weights preferred in training checkpoints
 
 
 @torch.no_grad()

@@ -335,3 +335,13 @@ def test_load_checkpoint_missing_file(tmp_path):
     path = str(tmp_path / "nope.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_checkpoint(path, "dit_s_8_shallow")
+
+
+def test_fresh_dit_position_table_is_the_official_column_first_one():
+    """Checkpoints carry their own pos_embed; a freshly built DiT must start from the official table
+    (MAE's meshgrid puts the column first), which diffusers recomputes the same way."""
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    import numpy as np
+    ours = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2).pos_embed[0]
+    theirs = embeddings.get_2d_sincos_pos_embed(32, 4, base_size=4, output_type="np")  # as DiT's PatchEmbed
+    np.testing.assert_allclose(ours.numpy(), np.asarray(theirs, dtype=np.float32), rtol=0, atol=1e-6)

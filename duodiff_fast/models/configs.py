@@ -184,24 +184,15 @@ def load_spec(model) -> dict:
     """A preset name, a path to a JSON spec (what `duodiff-fast train` writes as model.json), or a spec
     dict -> a checked spec dict (a copy). Preset names are remembered under 'preset'. The one place that
     reads model specs (train, sample, eval and the demo all call it)."""
-    import json
     import os
+
+    from .._io import read_json_object
 
     if isinstance(model, dict):
         return get_preset(model)
     if isinstance(model, (str, os.PathLike)) and (str(model).endswith(".json") or os.path.isfile(model)):
-        path = os.fspath(model)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"model spec file not found: {path}")
-        try:
-            with open(path) as f:
-                spec = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path} is not a JSON model spec ({e}); expected what `duodiff-fast train` "
-                             "writes as model.json") from None
-        if not isinstance(spec, dict):
-            raise ValueError(f"{path}: a model spec is a JSON object, got {type(spec).__name__}")
-        return get_preset(spec)
+        return get_preset(read_json_object(model, "a model spec (what `duodiff-fast train` writes as "
+                                                  "model.json)"))
     if not isinstance(model, str):
         raise TypeError(f"model must be a preset name, a JSON spec path or a spec dict, got {type(model).__name__}")
     spec = get_preset(model)

@@ -22,8 +22,10 @@ LN_EPS = 1e-6
 
 
 def get_2d_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (MAE style): (grid*grid, dim), float64.
-    First half of the channels encodes the row, second half the column; each half is [sin, cos]."""
+    """Fixed 2-D sin-cos position embedding (MAE style): (grid*grid, dim), float64. As the official DiT
+    (and diffusers) build it: the first half of the channels encodes the column, the second half the row
+    (their meshgrid puts w first); each half is [sin, cos]. Checkpoints carry their own table, so this only
+    decides what a freshly built model starts from."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs hidden_size divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
@@ -35,7 +37,7 @@ def get_2d_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
         out = pos[:, None] * omega[None]
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    return torch.cat([emb1d(rows), emb1d(cols)], dim=1)
+    return torch.cat([emb1d(cols), emb1d(rows)], dim=1)
 
 
 #################################################################################

@@ -137,7 +137,9 @@ class DuoSampler:
             `DuoSampler(deep, deep, ...)` or `switch=0` is plain deep sampling.
         schedule: a `Schedule`, a name ('linear', 'scaled_linear', 'cosine', 'vpsde') or a dict;
             defaults to the deep model's `schedule_spec` when it has one.
-        solver: 'ddim' (default), 'ddpm' or 'dpmsolver++' (any case; 'dpm++3m' for third order).
+        solver: 'ddim' (default), 'ddpm' or 'dpmsolver++' (any case; 'dpm++3m' for third order), or a
+            diffusers scheduler instance (UniPC, Euler, Heun, DPM-Solver variants, ...), run eagerly with its
+            own set_timesteps/step loop (`diffusers_loop.py`; `switch` then counts solver steps).
         steps: number of sampling steps (a positive integer).
         switch: fraction of steps given to the shallow model (0 = deep only, 1 = shallow only),
             or `AtTimestep(t)` / an int > 1 for an absolute timestep inside the schedule's range.
@@ -149,6 +151,9 @@ class DuoSampler:
             prediction. Default: the deep model's `cfg_channels` (DiT: 3, as its official
             `forward_with_cfg`; U-ViT: all), None = all.
         cuda_graphs: 'auto' (graphs on CUDA, eager elsewhere), True (graphs; an error off CUDA) or False.
+            Graphs capture the shallow and the deep segment separately per batch bucket (a power of two up
+            to `graph_max_bucket`; see `graphs.py`); `graph_mode` 'segment' (one graph per segment) or
+            'step' (one graph per segment's step, replayed per step). `release_graphs()` frees them.
         dtype: dtype the networks run in (default: the deep model's parameter dtype). The solver
             state stays float32.
         spacing: timestep spacing ('leading', 'trailing', 'linspace'); solver default if None.
@@ -163,7 +168,7 @@ class DuoSampler:
 
     def __init__(self, shallow, deep, *, schedule=None, solver="ddim", steps=50, switch=0.3,
                  cfg_scale=None, cfg_channels="auto", cuda_graphs="auto", dtype=None, spacing=None, eta=0.0,
-                 clip_sample=None, progress=False):
+                 clip_sample=None, progress=False, graph_mode="segment", graph_max_bucket=128):
         p_deep = _params_of(deep, "deep")
         p_shallow = _params_of(shallow, "shallow")
         a, b = _model_info(shallow), _model_info(deep)
@@ -196,25 +201,14 @@ class DuoSampler:
         self.num_classes = a["num_classes"]
         self.time_convention = a["time_convention"] or "int"
         self.steps = check_int(steps, "steps", minimum=1, where="DuoSampler")
-        self.solver_name = self._solver_choice(solver)
-        kw = {} if spacing is None else {"spacing": spacing}
         eta = check_float(eta, "eta", minimum=0.0, where="DuoSampler")
-        if self.solver_name == "ddim":
-            kw["eta"] = eta
-        elif eta != 0.0:
-            raise ArgumentError(f"DuoSampler: eta={eta:g} has no meaning for solver {self.solver_name!r} "
-                                "(only 'ddim' takes eta; DDPM is always stochastic, DPM-Solver++ deterministic)")
-        if clip_sample is not None:
-            if self.solver_name not in ("ddim", "ddpm"):
-                raise ArgumentError(f"DuoSampler: clip_sample works with 'ddim' and 'ddpm', not "
-                                    f"{self.solver_name!r}")
-            kw["clip_sample"] = check_float(clip_sample, "clip_sample", minimum=0.0, exclusive_minimum=True,
-                                            where="DuoSampler")
-        self.solver = get_solver(self.solver_name, self.schedule, self.steps, **kw)
-        # The model time convention must fit the schedule (checked once here, not per step).
-        self.schedule.model_time(self.solver.timesteps[:1], self.time_convention)
         self.switch = switch
-        self.k = shallow_steps(switch, self.solver.timesteps, self.schedule)
+        self.scheduler = None  # a diffusers scheduler instance, when one is the solver
+        from .diffusers_loop import is_scheduler
+        if is_scheduler(solver):
+            self._init_scheduler(solver, shallow, deep, spacing, eta, clip_sample, cuda_graphs)
+        else:
+            self._init_solver(solver, spacing, eta, clip_sample)
         self.cfg_scale = self._check_cfg(cfg_scale, shallow, deep)
         self.cfg_channels = self._check_cfg_channels(cfg_channels, deep)
         self.device = p_deep.device
@@ -231,21 +225,68 @@ class DuoSampler:
             raise ArgumentError(f"DuoSampler: cuda_graphs=True needs CUDA models; these are on {self.device} "
                                 "(use cuda_graphs='auto' or False)")
         self.cuda_graphs = cuda_graphs
+        from .graphs import MODES
+        from .._validate import check_choice
+        self.graph_mode = check_choice(graph_mode, "graph_mode", MODES, where="DuoSampler")
+        self.graph_max_bucket = check_int(graph_max_bucket, "graph_max_bucket", minimum=1, where="DuoSampler")
+        self._runner = None
         if not isinstance(progress, (bool, np.bool_)):
             raise ArgumentError(f"DuoSampler: progress must be True or False, got {describe(progress)}")
         self.progress = bool(progress)
-        self.solver.to(self.device)
-        # Everything the loop indexes per step lives on the device from here on (segments.py).
-        self._model_times = self.schedule.model_time(self.solver.timesteps, self.time_convention).to(
-            device=self.device, dtype=torch.float32)
-        self._timesteps_host = [float(t) for t in self.solver.timesteps.cpu()]
-        self.segments = plan_segments({"shallow": shallow, "deep": deep}, self.k, self.steps)
+        if self.solver is not None:
+            self.solver.to(self.device)
+            # Everything the loop indexes per step lives on the device from here on (segments.py).
+            self._model_times = self.schedule.model_time(self.solver.timesteps, self.time_convention).to(
+                device=self.device, dtype=torch.float32)
+            self._timesteps_host = [float(t) for t in self.solver.timesteps.cpu()]
+            self.segments = plan_segments({"shallow": shallow, "deep": deep}, self.k, self.steps)
+        else:
+            self._model_times, self.segments = None, []
+            self._timesteps_host = list(self.scheduler_plan.timesteps)
         self.trace = SampleTrace()
 
     # ---- constructor helpers ---------------------------------------------------------------------
-    @staticmethod
-    def _solver_choice(solver) -> str:
-        return solver_name(solver)
+    def _init_solver(self, solver, spacing, eta, clip_sample):
+        """One of the library's solvers (graph-capturable: precomputed coefficients, pre-drawn noise)."""
+        self.solver_name = solver_name(solver)
+        kw = {} if spacing is None else {"spacing": spacing}
+        if self.solver_name == "ddim":
+            kw["eta"] = eta
+        elif eta != 0.0:
+            raise ArgumentError(f"DuoSampler: eta={eta:g} has no meaning for solver {self.solver_name!r} "
+                                "(only 'ddim' takes eta; DDPM is always stochastic, DPM-Solver++ deterministic)")
+        if clip_sample is not None:
+            if self.solver_name not in ("ddim", "ddpm"):
+                raise ArgumentError(f"DuoSampler: clip_sample works with 'ddim' and 'ddpm', not "
+                                    f"{self.solver_name!r}")
+            kw["clip_sample"] = check_float(clip_sample, "clip_sample", minimum=0.0, exclusive_minimum=True,
+                                            where="DuoSampler")
+        self.solver = get_solver(self.solver_name, self.schedule, self.steps, **kw)
+        # The model time convention must fit the schedule (checked once here, not per step).
+        self.schedule.model_time(self.solver.timesteps[:1], self.time_convention)
+        self.k = shallow_steps(self.switch, self.solver.timesteps, self.schedule)
+
+    def _init_scheduler(self, scheduler, shallow, deep, spacing, eta, clip_sample, cuda_graphs):
+        """A diffusers scheduler instance as the solver: its own set_timesteps/step loop, eager only (its
+        `step` keeps Python state and draws noise inside, which a CUDA graph cannot hold)."""
+        from .diffusers_loop import _accepts, plan_scheduler
+        name = type(scheduler).__name__
+        if cuda_graphs is True:
+            raise ArgumentError(f"DuoSampler: cuda_graphs=True works with the library's own solvers only; "
+                                f"a diffusers scheduler ({name}) runs eagerly")
+        for arg, value in (("spacing", spacing), ("clip_sample", clip_sample)):
+            if value is not None:
+                raise ArgumentError(f"DuoSampler: {arg}={value!r} is set in the {name}'s own config, not here")
+        if eta and not _accepts(scheduler.step, "eta"):
+            raise ArgumentError(f"DuoSampler: eta={eta:g} but {name}.step takes no eta")
+        self._step_kwargs = {"eta": eta} if eta else None
+        self.schedule.model_time(torch.zeros(1), self.time_convention)
+        learned = bool(getattr(deep, "learn_sigma", False) and getattr(shallow, "learn_sigma", False))
+        self.scheduler_plan = plan_scheduler(scheduler, self.steps, self.switch, schedule=self.schedule,
+                                             learned_sigma=learned, step_kwargs=self._step_kwargs)
+        self.scheduler = scheduler
+        self.solver, self.solver_name = None, name
+        self.k = self.scheduler_plan.k  # solver steps (Heun / KDPM2: two evaluations each) on shallow
 
     def _check_cfg(self, cfg_scale, shallow, deep):
         if isinstance(cfg_scale, str) and cfg_scale == "preset":
@@ -370,9 +411,51 @@ class DuoSampler:
             x = self._sample(n, noise, y, generator)
         return x.clone()  # outside inference mode: an ordinary tensor users may modify in place
 
+    def uses_graphs(self) -> bool:
+        """Whether `sample()` replays CUDA graphs ('auto' on CUDA, or True) rather than running eagerly.
+        Never with a diffusers scheduler as the solver (eager only)."""
+        return self.scheduler is None and self.device.type == "cuda" and self.cuda_graphs in ("auto", True)
+
+    def graph_runner(self, capture=None):
+        """The `GraphRunner` of this sampler (`capture=False` runs its static-buffer path eagerly)."""
+        from .graphs import GraphRunner
+        if capture is not None:
+            return GraphRunner(self, capture=capture, mode=self.graph_mode, max_bucket=self.graph_max_bucket)
+        if self._runner is None:
+            self._runner = GraphRunner(self, mode=self.graph_mode, max_bucket=self.graph_max_bucket)
+        return self._runner
+
+    def release_graphs(self):
+        """Free the graphs and static buffers captured for this pair of models."""
+        from .graphs import CACHE
+        CACHE.release(lambda k: k[0] == id(self.shallow) and k[1] == id(self.deep))
+
+    def _sample_scheduler(self, x, y, generator):
+        from .diffusers_loop import make_model_fn, run_scheduler_loop
+        fn = make_model_fn(self.shallow, self.deep, schedule=self.schedule, time_convention=self.time_convention,
+                           y=y, cfg_scale=self.cfg_scale, dtype=self.dtype, guide_channels=self.cfg_channels)
+        trace = SampleTrace(seconds={"shallow": 0.0, "deep": 0.0})
+        x = run_scheduler_loop(self.scheduler, self.steps, self.switch, fn, x, generator,
+                               plan=self.scheduler_plan, step_kwargs=self._step_kwargs, trace=trace,
+                               progress=self.progress)
+        self.trace = trace  # models / timesteps per model evaluation (Heun: two per step)
+        return x
+
     def _sample(self, n, noise, y, generator):
         x, y = self._inputs(n, noise, y, generator)
+        if self.scheduler is not None:
+            return self._sample_scheduler(x, y, generator)
         step_noise = draw_step_noise(self.solver, tuple(x.shape), generator, self.device)
+        if self.uses_graphs():
+            trace = SampleTrace(seconds={"shallow": 0.0, "deep": 0.0}, graphs=True)
+            t_start = time.perf_counter()
+            x = self.graph_runner().run(x, y, step_noise, trace)
+            for seg in self.segments:
+                trace.models += [seg.name] * len(seg)
+            trace.timesteps = list(self._timesteps_host)
+            trace.total_seconds = time.perf_counter() - t_start
+            self.trace = trace
+            return x
         state = self.solver.init_state(x)
         y_in = self._model_labels(y)
         trace = SampleTrace(seconds={"shallow": 0.0, "deep": 0.0})
@@ -403,8 +486,11 @@ class DuoSampler:
         dd = getattr(self.deep, "depth_blocks", None)
         if ds is None or dd is None:
             raise ArgumentError("compute_fraction needs models with depth_blocks")
-        n = self.steps
-        return (ds * self.k + dd * (n - self.k)) / (dd * n)
+        if self.scheduler is not None:  # counted per model evaluation
+            n, k = self.scheduler_plan.evaluations, self.scheduler_plan.shallow_evaluations
+        else:
+            n, k = self.steps, self.k
+        return (ds * k + dd * (n - k)) / (dd * n)
 
     def __repr__(self):
         return (f"DuoSampler(solver={self.solver_name}, steps={self.steps}, shallow_steps={self.k}, "
