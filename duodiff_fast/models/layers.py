@@ -158,9 +158,29 @@ def modulate(x, shift, scale):
 #                          Attention, MLP, fused norms                          #
 #################################################################################
 
+_TORCH_PATH = False
+
+
 def fast_path() -> bool:
-    """The ops path runs whenever no gradient is being recorded (no_grad or inference_mode)."""
-    return not torch.is_grad_enabled()
+    """The ops path runs whenever no gradient is being recorded (no_grad or inference_mode), unless
+    `torch_path()` is active."""
+    return not torch.is_grad_enabled() and not _TORCH_PATH
+
+
+class torch_path:
+    """`with torch_path():` run every block the way the official code does (plain LayerNorm, SDPA on
+    transposed q/k/v, separate residual adds), also without gradients: the baseline of the benchmarks and
+    of the launch count. Not thread-local: meant for benchmarking, not for concurrent sampling."""
+
+    def __enter__(self):
+        global _TORCH_PATH
+        self._previous, _TORCH_PATH = _TORCH_PATH, True
+        return self
+
+    def __exit__(self, *exc):
+        global _TORCH_PATH
+        _TORCH_PATH = self._previous
+        return False
 
 
 def sdpa_packed(qkv: torch.Tensor, scale: float) -> torch.Tensor:
