@@ -1,23 +1,29 @@
 """Build script. Pure Python unless a CUDA build of torch and nvcc are both present.
 
 Environment switches (DESIGN.md §5):
-  DUODIFF_SKIP_CUDA_BUILD=1   never build duodiff_fast._C
+  DUODIFF_SKIP_CUDA_BUILD=1   never build duodiff_fast._C (here, and not JIT on first use either)
   DUODIFF_FORCE_CUDA_BUILD=1  build it even without a visible GPU (needs a CUDA torch and nvcc)
   DUODIFF_CUDA_ARCHS="80;90a" target architectures
+The compiler flags live in duodiff_fast/_cpp_lib.py (shared with the JIT build and the offline check);
+`pip install -e . --no-build-isolation` builds csrc/ with ninja (MAX_JOBS caps the parallel jobs).
 """
 import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "duodiff_fast", "duodiff_fast.models", "duodiff_fast.ops", "duodiff_fast.sampling",
-    "duodiff_fast.kernels", "duodiff_fast.assets",
-]
+HERE_FOR_FIND = os.path.dirname(os.path.abspath(__file__))
+
+# Every package under duodiff_fast/ (found, so a new subpackage is never left out of a wheel), plus kernels/.
+PACKAGES = sorted(find_packages(HERE_FOR_FIND, include=["duodiff_fast", "duodiff_fast.*"])) + [
+    "duodiff_fast.assets",  # data only (no __init__.py): listed by hand
+    "duodiff_fast.kernels"]
 PACKAGE_DIR = {"duodiff_fast.kernels": "kernels"}
 # Shipped weights (proxy-FID classifier, demo pair): small safetensors files, read offline.
-PACKAGE_DATA = {"duodiff_fast.assets": ["*.safetensors", "*.json"]}
+PACKAGE_DATA = {"duodiff_fast.assets": ["*.safetensors", "*.json"],
+                # the measured cuda-vs-triton dispatch order (ops/_registry.py reads it at run time)
+                "duodiff_fast.ops": ["*.json"]}
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,7 +34,7 @@ def _flag(env, name):
 
 
 def cuda_sources():
-    csrc = os.path.join(HERE, "csrc")
+    csrc = os.path.join(HERE, "csrc")  # top level only: csrc/emu/ is the test emulator, not the extension
     return sorted(glob.glob(os.path.join(csrc, "*.cu"))) + sorted(glob.glob(os.path.join(csrc, "*.cpp")))
 
 
@@ -41,7 +47,7 @@ def cuda_build_plan(env=None, sources=None):
     if not sources:
         return False, "no sources in csrc/"
     try:
-        import torch  # noqa: F401  (present only with --no-build-isolation)
+        import torch  # present only with --no-build-isolation
         from torch.utils.cpp_extension import CUDA_HOME
     except ImportError:
         return False, "torch is not importable in the build environment (use --no-build-isolation)"
@@ -54,27 +60,42 @@ def cuda_build_plan(env=None, sources=None):
     return True, "CUDA torch and nvcc found"
 
 
+def load_build_settings():
+    """duodiff_fast/_cpp_lib.py loaded by path (stdlib-only at import): the flags the JIT build and the
+    offline check (bench/csrc_report.py) use too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("duodiff_cpp_lib", os.path.join(HERE, "duodiff_fast", "_cpp_lib.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def extension_kwargs(archs, torch_version, torch_cuda):
+    """CUDAExtension keywords for duodiff_fast._C (pure data: tested without a CUDA toolchain)."""
+    cfg = load_build_settings()
+    if not cfg.parse_archs(archs):
+        raise ValueError(f"{cfg.ENV_ARCHS}={archs!r} names no architecture (e.g. '80;90a')")
+    return {
+        "name": "duodiff_fast._C",
+        "sources": [os.path.relpath(str(p), HERE) for p in cfg.source_paths()],
+        "include_dirs": [os.path.join(HERE, "csrc")],
+        "define_macros": cfg.build_macros(archs, torch_version, torch_cuda),
+        "extra_compile_args": {"cxx": list(cfg.CXX_FLAGS), "nvcc": list(cfg.NVCC_FLAGS) + cfg.gencode_flags(archs)},
+    }
+
+
 def ext_modules_and_cmdclass():
     build, reason = cuda_build_plan()
     if not build:
         print(f"duodiff-fast: not building the CUDA extension: {reason}")
         return [], {}
+    import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     archs = os.environ.get("DUODIFF_CUDA_ARCHS", "80;90a")
-    gencode = []
-    for arch in filter(None, (a.strip() for a in archs.split(";"))):
-        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    sources = [os.path.relpath(p, HERE) for p in cuda_sources()]
-    ext = CUDAExtension(
-        name="duodiff_fast._C",
-        sources=sources,
-        define_macros=[("DUODIFF_CUDA_ARCHS", f'"{archs}"')],
-        extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-Xptxas=--warn-on-spills", "-lineinfo"] + gencode,
-        },
-    )
+    print(f"duodiff-fast: building the CUDA extension for sm_{archs} ({reason})")
+    ext = CUDAExtension(**extension_kwargs(archs, torch.__version__, torch.version.cuda))
     return [ext], {"build_ext": BuildExtension}
 
 

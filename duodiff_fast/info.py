@@ -80,13 +80,16 @@ def collect() -> dict:
 def format_info(info: dict) -> str:
     ext = info["extension"]
     if ext["loaded"]:
-        ext_line = f"built for sm_{', sm_'.join(ext['archs']) or '?'} ({ext['path']})"
+        how = {"jit": "JIT-built on first use", "setup.py": "built by setup.py"}.get(ext.get("source"), "built")
+        ext_line = f"{how} for sm_{', sm_'.join(ext['archs']) or '?'} ({ext['path']})"
         if ext["missing_ops"]:
             ext_line += f"; missing {', '.join(ext['missing_ops'])}"
     elif ext["built"]:
         ext_line = f"present but unusable: {ext['error']}"
     else:
-        ext_line = f"not built ({ext['hint']})"
+        jit = ext.get("jit") or {}
+        why = f"; no JIT build: {jit['reason']}" if jit.get("reason") and not jit.get("attempted") else ""
+        ext_line = f"not built{why} ({ext['hint']})"
     lines = [
         f"duodiff_fast {info['duodiff_fast']}",
         f"python       {info['python']} ({info['platform']})",

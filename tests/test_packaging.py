@@ -46,6 +46,9 @@ def test_wheel_is_pure_python_and_maps_kernels(tmp_path):
     assert wheel.name.endswith("py3-none-any.whl"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert "duodiff_fast/kernels/__init__.py" in names
+    for module in ("ops/backends/triton.py", "ops/backends/cuda.py", "ops/measured_order.json",
+                   "sampling/graphs.py", "sampling/sharded.py", "models/layers.py"):
+        assert f"duodiff_fast/{module}" in names, module
     for asset in ("proxy_classifier", "demo_deep", "demo_shallow"):  # shipped weights, read offline
         assert f"duodiff_fast/assets/{asset}.safetensors" in names, asset
     assert not any(n.startswith("kernels/") for n in names), "kernels/ must install as duodiff_fast.kernels only"

@@ -131,6 +131,7 @@ class TensorMeta(NamedTuple):
     device_index: int  # -1 when the device has no index (cpu)
     requires_grad: bool
     last_dim_contiguous: bool
+    last_dim: int  # size of the last dim (row width for the norms)
 
 
 class OpInputs(NamedTuple):
@@ -154,8 +155,8 @@ def _metas(names, tensors) -> tuple:
             dt, di = "cpu", -1
         else:
             dt, di = t.device.type, -1
-        out.append((name, t.dtype, dt, di, t.requires_grad,
-                    t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] == 1))
+        last = t.shape[-1] if t.dim() else 1
+        out.append((name, t.dtype, dt, di, t.requires_grad, t.dim() == 0 or t.stride(-1) == 1 or last == 1, last))
     return tuple(out)
 
 

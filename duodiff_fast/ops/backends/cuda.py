@@ -68,6 +68,12 @@ class CudaAttention(CudaImpl):
 
 class _CudaNorm(CudaImpl):
     CPP_FUNCTION = "norm"
+    MAX_C = 32768  # the binding's limit on the row width
+
+    @classmethod
+    def input_reasons(cls, inp):
+        C = inp.tensors[0].last_dim
+        return [f"row width C={C} is above the kernel's {cls.MAX_C}"] if C > cls.MAX_C else []
 
     @classmethod
     def run(cls, x, *, eps, weight=None, bias=None, update=None, gate=None, shift=None, scale=None):
@@ -92,6 +98,15 @@ NORM_IMPLS = register_norm_family(_CudaNorm)
 class CudaExitConfidence(CudaImpl):
     OP = "exit_confidence"
     CPP_FUNCTION = "exit_confidence"
+
+    @classmethod
+    def not_supported_reasons(cls, inp):
+        # The binding reads the [C, K] weight through any strides (a Linear.weight.t() is fine): only h
+        # and bias need a dense last dim.
+        reasons = super().not_supported_reasons(inp)
+        bad = [m.name for m in inp.tensors if not m.last_dim_contiguous and m.name != "weight"]
+        return [r for r in reasons if not r.startswith("last dim of")] + (
+            [f"last dim of {', '.join(bad)} is not contiguous"] if bad else [])
 
     @classmethod
     def apply(cls, h, weight, bias, start):
