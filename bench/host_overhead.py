@@ -125,9 +125,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="folder for host_overhead_<date>_<label>.json")
     p.add_argument("--label", default="", help="a tag for the file name (e.g. before / after)")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON line (for other benchmarks)")
+    p.add_argument("--ops-only", action="store_true", help="skip the denoiser-forward rows")
     args = p.parse_args(argv)
     _stub_launchers()
-    rows = op_rows() + forward_rows()
+    rows = op_rows() + ([] if args.ops_only else forward_rows())
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "label": args.label,
@@ -138,6 +140,9 @@ def main(argv=None):
                                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         pass
+    if args.json:
+        print(json.dumps({"meta": meta, "rows": rows}))
+        return 0
     width = max(len(r["what"]) for r in rows)
     print(f"host overhead per call ({meta['cpu']}, 1 thread, torch {meta['torch']}; CPU timings)")
     for r in rows:

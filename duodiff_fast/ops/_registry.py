@@ -354,7 +354,6 @@ def _arch(inp: OpInputs) -> str | None:
 # Selection
 # --------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=256)
 def _canonical(op: str, name: str, source: str) -> str:
     name = name.strip().lower()
     alias = OPS[op].aliases.get(name)
@@ -462,7 +461,7 @@ def choose(op: str, names, tensors, backend: str | None) -> str:
 def clear_caches() -> None:
     """Forget probed environment and cached choices (tests that patch the environment call this)."""
     for f in (triton_import_error, kernel_import_error, device_capability, _select_cached, measured_order,
-              priority, _canonical):
+              priority):
         f.cache_clear()
 
 
