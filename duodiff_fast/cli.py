@@ -260,7 +260,7 @@ def build_parser():
                    help="local diffusers AutoencoderKL folder: decode latents to images (latent presets)")
     p.set_defaults(func=cmd_sample)
 
-    for mod in ("train", "eval", "demo", "export"):
+    for mod in ("train", "train_exits", "eval", "demo", "export", "profile"):
         try:
             module = __import__(f"duodiff_fast.{mod}", fromlist=["add_cli"])
         except ImportError as e:  # a subcommand whose module has not landed is simply absent

@@ -426,8 +426,8 @@ def load_intact_checkpoint(path: str, warn=True):
     for c in candidates:
         try:
             ck = torch.load(c, map_location="cpu", weights_only=True)
-            if not isinstance(ck, dict) or not {"model", "ema", "step"} <= set(ck):
-                raise ValueError("not a duodiff-fast training checkpoint (no model/ema/step)")
+            if not isinstance(ck, dict) or not {"model", "step"} <= set(ck):
+                raise ValueError("not a duodiff-fast training checkpoint (no model/step)")
             return c, ck
         except Exception as e:  # noqa: BLE001 -- any unreadable file: say which, try the previous one
             errors.append(f"{c}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
