@@ -14,10 +14,16 @@ Rounding every dimension up to BLOCK_M=128 / BLOCK_N=64 would make L=257 pay 384
 for 257 x 257 useful ones (1.86x). Instead both dims are split into an aligned part covered by full,
 unmasked tiles and one masked remainder tile sized to the remainder (a power of two >= 16, at most the
 full tile; chosen on the host per L):
-  * keys: `L // BLOCK_N` full blocks without any mask, then one masked block of TAIL_N keys;
-  * queries: the grid has `L // BLOCK_M` main programs of BLOCK_M rows and one tail program of TAIL_M
-    rows per (batch, head), all in the same launch (a second launch would serialise behind the main
-    one; in the same grid the short tail programs fill the last wave).
+  * keys: `L // BLOCK_N` full blocks without any mask in the main loop, then one guarded masked block
+    of TAIL_N keys. It is a single `if`, not a loop: a masked remainder *loop* after the wgmma main
+    loop made ptxas serialize the tensor-core chain (warning C7515, one WARPGROUP.DEPBAR per HGMMA),
+    which the compile report checks for every candidate;
+  * queries: a 1-D grid holds first the `L // BLOCK_M` full-tile programs of every (batch, head), in
+    (batch, head)-major order so the programs sharing K/V run together, then one tail program of
+    TAIL_M rows per (batch, head). Blocks are dispatched roughly in program-id order, so the short
+    tail programs come last and fill the final wave instead of sitting between full tiles (longest
+    first); the same single launch avoids a second kernel serialising behind the first. The 1-D grid
+    also lifts the 65,535 limit of grid axis 1 (B*H of 70,000 launches).
 L=257 and 258 then pay 272 x 272 (1.12x), L=1026 pays 1040 x 1040 (1.03x), L=256 pays nothing. A
 16-row tail is below the 64-row wgmma minimum, so tail programs use mma.sync; main ones use wgmma on
 sm_90. Ragged lengths (e.g. L % 128 = 72) get one padded tile, never several small ones.
@@ -27,8 +33,12 @@ to 16 (48 = 32+16, 72 = 64+8|16, 80 = 64+16, 96 = 64+32) rather than padded to t
 D=72 then computes 80 columns instead of 128.
 
 Tuning: on a GPU a small candidate set per (dtype, head dim) is pruned by L and autotuned, keyed by
-(L, D, dtype); under TRITON_INTERPRET=1 one fixed config runs. Autotuning benchmarks, so it must not
-happen inside a CUDA-graph capture: call `warmup` (or the op once on the real tensors) before capturing.
+(L, D, dtype, bucket of B*H): the best tiles for 128 heads are not those for 4096, so each power-of-two
+bucket of B*H (capped) tunes once. Under TRITON_INTERPRET=1 one fixed config runs. Integer arguments
+are not specialised by value (`do_not_specialize`; the ALIGN constexpr restores the divisibility that
+vector loads need), so each candidate is exactly one compiled kernel, the one the compile report
+(`aot_specs`) builds. Autotuning benchmarks, so it must not happen inside a CUDA-graph capture: call
+`warmup` (or the op once on the real tensors) before capturing.
 """
 import math
 
@@ -132,9 +142,9 @@ def _attention_fwd_tile(Q_ptr, K_ptr, V_ptr, O_ptr, start_m, stride_l, stride_ol
         acc0, acc1, m_i, l_i = _attention_fwd_block(
             acc0, acc1, m_i, l_i, q0, q1, K_ptr, V_ptr, start_n, stride_l, L, qk_scale,
             HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, False, DOT_PRECISION)
-    for start_n in range(n_full, L, TAIL_N):  # remainder keys in small masked blocks
+    if n_full < L:  # the remainder keys: one masked block (TAIL_N >= L % BLOCK_N), never a loop
         acc0, acc1, m_i, l_i = _attention_fwd_block(
-            acc0, acc1, m_i, l_i, q0, q1, K_ptr, V_ptr, start_n, stride_l, L, qk_scale,
+            acc0, acc1, m_i, l_i, q0, q1, K_ptr, V_ptr, n_full, stride_l, L, qk_scale,
             HEAD_DIM, BLOCK_D0, BLOCK_D1, TAIL_N, True, DOT_PRECISION)
 
     inv_l = 1.0 / l_i
@@ -149,17 +159,32 @@ def _attention_fwd_tile(Q_ptr, K_ptr, V_ptr, O_ptr, start_m, stride_l, stride_ol
 
 
 @triton.jit
+def _head_pointers(QKV_ptr, O_ptr, bh, H, stride_qb, stride_q3, stride_qh, stride_ob, HEAD_DIM: tl.constexpr):
+    """q, k, v and out pointers of (batch, head) number `bh` = b * H + h (int64 offsets)."""
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_ptr = QKV_ptr + b * stride_qb + h * stride_qh
+    k_ptr = q_ptr + stride_q3
+    v_ptr = k_ptr + stride_q3
+    o_ptr = O_ptr + b * stride_ob + h * HEAD_DIM
+    return q_ptr, k_ptr, v_ptr, o_ptr
+
+
+@triton.jit(do_not_specialize=["stride_qb", "stride_ql", "stride_q3", "stride_qh", "stride_ob", "stride_ol",
+                               "H", "BH", "L", "BH_BUCKET"])
 def _attention_fwd_kernel(
     QKV_ptr, O_ptr,
     stride_qb, stride_ql, stride_q3, stride_qh,  # qkv (B, L, 3, H, D), stride of D is 1
     stride_ob, stride_ol,  # out (B, L, H*D), stride of H*D is 1
-    H, L, qk_scale,
+    H, BH, L, qk_scale,
+    BH_BUCKET,  # unused: a power-of-two bucket of B*H, part of the autotuning key
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """grid = (L // BLOCK_M + ceil((L % BLOCK_M) / TAIL_M), B * H). ALIGN: a power of two dividing every
-    stride, so loads vectorise (e.g. 8 for D=72, whose strides the JIT does not mark 16-divisible)."""
+    """1-D grid of `_num_programs(B*H, L, BLOCK_M, TAIL_M)`: BH * (L // BLOCK_M) full-tile programs, then
+    BH * ceil((L % BLOCK_M) / TAIL_M) tail programs. ALIGN: a power of two dividing every stride, so loads
+    vectorise (e.g. 8 for D=72, whose strides are not 16-divisible)."""
     tl.static_assert(TAIL_M >= 16 and TAIL_N >= 16 and BLOCK_D0 >= 16)
     tl.static_assert(BLOCK_D1 == 0 or BLOCK_D1 >= 16)
     # tl.multiple_of does not stick to kernel arguments; (s // A) * A states the same divisibility
@@ -170,20 +195,23 @@ def _attention_fwd_kernel(
     stride_qh = stride_qh // ALIGN * ALIGN
     stride_ob = stride_ob // ALIGN * ALIGN
     stride_ol = stride_ol // ALIGN * ALIGN
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    q_ptr = QKV_ptr + b * stride_qb + h * stride_qh
-    k_ptr = q_ptr + stride_q3
-    v_ptr = k_ptr + stride_q3
-    o_ptr = O_ptr + b * stride_ob + h * HEAD_DIM
+    pid = tl.program_id(0)  # int32: the host checked the program count
     n_main = L // BLOCK_M
-    if pid_m < n_main:
-        _attention_fwd_tile(q_ptr, k_ptr, v_ptr, o_ptr, pid_m * BLOCK_M, stride_ql, stride_ol, L, qk_scale,
+    n_main_programs = n_main * BH
+    if pid < n_main_programs:
+        bh = pid // n_main
+        start_m = (pid - bh * n_main) * BLOCK_M
+        q_ptr, k_ptr, v_ptr, o_ptr = _head_pointers(QKV_ptr, O_ptr, bh, H, stride_qb, stride_q3, stride_qh,
+                                                    stride_ob, HEAD_DIM)
+        _attention_fwd_tile(q_ptr, k_ptr, v_ptr, o_ptr, start_m, stride_ql, stride_ol, L, qk_scale,
                             HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, BLOCK_N, TAIL_N, False, DOT_PRECISION)
     else:
-        start_m = n_main * BLOCK_M + (pid_m - n_main) * TAIL_M
+        t = pid - n_main_programs
+        n_tail = tl.cdiv(L - n_main * BLOCK_M, TAIL_M)  # 1: TAIL_M covers the remainder
+        bh = t // n_tail
+        start_m = n_main * BLOCK_M + (t - bh * n_tail) * TAIL_M
+        q_ptr, k_ptr, v_ptr, o_ptr = _head_pointers(QKV_ptr, O_ptr, bh, H, stride_qb, stride_q3, stride_qh,
+                                                    stride_ob, HEAD_DIM)
         _attention_fwd_tile(q_ptr, k_ptr, v_ptr, o_ptr, start_m, stride_ql, stride_ol, L, qk_scale,
                             HEAD_DIM, BLOCK_D0, BLOCK_D1, TAIL_M, BLOCK_N, TAIL_N, True, DOT_PRECISION)
 
@@ -224,14 +252,19 @@ def _config(bm, bn, warps, stages, L=None):
 
 
 # Candidates (BLOCK_M, BLOCK_N, warps, stages) per dtype class and computed head dim (BLOCK_D0 +
-# BLOCK_D1), pruned by L. The first of each 16-bit list is the sm_90 default of the compile report
-# (wgmma, no spills); the others cover sm_80 and long sequences.
-_CANDIDATES_16BIT_SMALL_D = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 4, 2),
-                             (64, 64, 4, 3)]
+# BLOCK_D1), pruned by L. Every one of them is in the compile report (no spills, no serialized wgmma on
+# sm_90a); the first of each 16-bit list is the sm_90 default, the others cover sm_80 and long sequences.
+# 128 x 128 tiles need 8 warps: with 4, the fp32 score tile alone takes 128 registers per thread and
+# ptxas spills and serializes the wgmma chain (C7511, "insufficient register resources"); so does a
+# 128-row tile at D=128 with 4 warps (the accumulator alone is 128 registers).
+_CANDIDATES_16BIT_SMALL_D = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
 _CANDIDATES_16BIT_MID_D = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-_CANDIDATES_16BIT_LARGE_D = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3)]
+_CANDIDATES_16BIT_LARGE_D = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 _CANDIDATES_FP32 = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)]
 _CANDIDATE_INTERPRETER = (64, 64, 4, 1)  # the interpreter ignores warps/stages; big tiles run faster
+HEAD_DIMS = (32, 48, 64, 72, 80, 96, 128)  # those duodiff_fast.ops.attention dispatches here
+MAX_PROGRAMS = 2**31 - 1  # grid axis 0 (the only one used)
+_BH_BUCKET_CAP = 4096
 
 
 def _candidates(D: int, dtype: torch.dtype) -> list:
@@ -265,20 +298,36 @@ def _all_configs():
     return out
 
 
+def _bh_bucket(bh: int) -> int:
+    """B*H rounded up to a power of two, capped: the autotuner tunes once per bucket (so the first batch
+    size seen no longer picks the tiles for every other one) and not once per batch size."""
+    return min(_BH_BUCKET_CAP, triton.next_power_of_2(max(1, bh)))
+
+
+def _num_programs(bh: int, L: int, block_m: int, tail_m: int) -> int:
+    """Size of the 1-D grid: full-tile programs of every (batch, head), then their tail programs."""
+    n_main = L // block_m
+    return bh * (n_main + triton.cdiv(L - n_main * block_m, tail_m))
+
+
 _tuned_kernel = None
 
 
 def _kernel_and_config(L: int):
     """(kernel, fixed config or None). One fixed config under the interpreter; autotuned on a GPU,
-    keyed by (L, HEAD_DIM) plus the dtypes of qkv and out (the autotuner appends tensor dtypes)."""
+    keyed by (L, HEAD_DIM, bucket of B*H) plus the dtypes of qkv and out (the autotuner appends tensor
+    dtypes)."""
     global _tuned_kernel
     if triton.knobs.runtime.interpret:
         return _attention_fwd_kernel, _config(*_CANDIDATE_INTERPRETER, L=L)
     if _tuned_kernel is None:
-        tune = triton.autotune(configs=_all_configs(), key=["L", "HEAD_DIM"],
-                               prune_configs_by={"early_config_prune": _prune})
-        _tuned_kernel = tune(_attention_fwd_kernel)
+        _tuned_kernel = _autotuner()
     return _tuned_kernel, None
+
+
+def _autotuner():
+    return triton.autotune(configs=_all_configs(), key=["L", "HEAD_DIM", "BH_BUCKET"],
+                           prune_configs_by={"early_config_prune": _prune})(_attention_fwd_kernel)
 
 
 def _check(qkv: torch.Tensor, out: torch.Tensor | None) -> None:
@@ -299,12 +348,27 @@ def _check(qkv: torch.Tensor, out: torch.Tensor | None) -> None:
             raise ValueError(f"attention_fwd: the last dim of out must be contiguous, got {out.stride()}")
 
 
+def _launch_args(qkv: torch.Tensor, out: torch.Tensor, scale: float) -> tuple[tuple, dict]:
+    """Positional arguments and compile-time meta-parameters of one launch (no tile sizes)."""
+    B, L, _, H, D = qkv.shape
+    d0, d1 = _split_head_dim(D)
+    strides = qkv.stride()[:4] + out.stride()[:2]
+    for name, v in (("B * H", B * H), ("L", L), *zip(("qkv stride", ) * 4 + ("out stride", ) * 2, strides)):
+        if v >= 2**31:
+            raise ValueError(f"attention_fwd: {name} = {v} does not fit the kernel's int32 arguments")
+    args = (qkv, out, *strides, H, B * H, L, scale * math.log2(math.e), _bh_bucket(B * H))
+    meta = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, ALIGN=_alignment(strides),
+                DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
+    return args, meta
+
+
 def attention_fwd(qkv: torch.Tensor, scale: float | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for packed `qkv` [B, L, 3, H, D] -> [B, L, H*D] in qkv's dtype.
 
-    `scale` defaults to D**-0.5 and must be positive. On a GPU the first call for a new (L, D, dtype)
-    autotunes (it benchmarks, so it must not happen inside a CUDA-graph capture): call `warmup` first.
+    `scale` defaults to D**-0.5 and must be positive. On a GPU the first call for a new (L, D, dtype,
+    bucket of B*H) autotunes (it benchmarks, so it must not happen inside a CUDA-graph capture): call
+    `warmup` first.
     """
     _check(qkv, out)
     if not qkv.is_cuda and not triton.knobs.runtime.interpret:
@@ -317,17 +381,18 @@ def attention_fwd(qkv: torch.Tensor, scale: float | None = None,
         out = torch.empty((B, L, H * D), device=qkv.device, dtype=qkv.dtype)
     if B * H == 0 or L == 0:
         return out
-    d0, d1 = _split_head_dim(D)
+    args, meta = _launch_args(qkv, out, scale)
+    # The largest grid any candidate can ask for (BLOCK_M = TAIL_M = 16 would be the worst; 64-row tiles
+    # are the smallest here): refuse up front rather than fail inside the autotuner.
+    worst = _num_programs(B * H, L, 32, 16)
+    if worst > MAX_PROGRAMS:
+        raise ValueError(f"attention_fwd: B * H = {B * H} at L = {L} needs up to {worst} programs, more than "
+                         f"the {MAX_PROGRAMS} a 1-D grid allows; split the batch")
     kernel, config = _kernel_and_config(L)
 
     def grid(meta):
-        n_main = L // meta["BLOCK_M"]
-        return (n_main + triton.cdiv(L - n_main * meta["BLOCK_M"], meta["TAIL_M"]), B * H)
+        return (_num_programs(B * H, L, meta["BLOCK_M"], meta["TAIL_M"]),)
 
-    args = (qkv, out, *qkv.stride()[:4], *out.stride()[:2], H, L, scale * math.log2(math.e))
-    strides = qkv.stride()[:4] + out.stride()[:2]
-    meta = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, ALIGN=_alignment(strides),
-                DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
     if config is None:
         kernel[grid](*args, **meta)
     else:
@@ -336,38 +401,47 @@ def attention_fwd(qkv: torch.Tensor, scale: float | None = None,
 
 
 def warmup(qkv_shape, dtype: torch.dtype, device) -> None:
-    """Compile and autotune for this (L, D, dtype) now, so a later CUDA-graph capture never tunes."""
+    """Compile and autotune for this (L, D, dtype, bucket of B*H) now, so a later CUDA-graph capture
+    never tunes."""
     qkv = torch.randn(qkv_shape, dtype=dtype, device=device)
     attention_fwd(qkv)
     if qkv.is_cuda:
         torch.cuda.synchronize(qkv.device)
 
 
-def aot_specs() -> list[dict]:
-    """Kernels for the ahead-of-time compile report (sm_90a / sm_80 without a GPU): the configs this
-    module would pick on an H100 for the DESIGN §7 shapes, bf16. `attrs` carries the 16-byte divisibility
-    hints the JIT derives at run time for aligned pointers and strides (all strides of the §7 shapes
-    are multiples of 16)."""
+_AOT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def aot_specs(dtypes=("bf16", "fp16"), head_dims=HEAD_DIMS, lengths=(257,)) -> list[dict]:
+    """Every kernel the autotuner can pick, as `triton.compile` inputs for the ahead-of-time compile report
+    (sm_90a / sm_80 without a GPU): each candidate of each (dtype, head dim), with the tail sizes of each
+    L in `lengths` (257, 258 and 1026 all give 16 x 16 tails; a ragged L such as 1000 gives full-size
+    ones). Integer arguments are not specialised (see the module docstring), so the signature is exact;
+    the pointers carry the 16-byte alignment every torch allocation has."""
     if triton.knobs.runtime.interpret:
         raise RuntimeError("aot_specs: the kernels were built for the interpreter (TRITON_INTERPRET=1 at "
                            "import); compile in a process without it")
+    fn = _attention_fwd_kernel
     specs = []
-    for D, (bm, bn, warps, stages) in ((64, (128, 64, 4, 3)), (72, (128, 64, 4, 3)),
-                                       (64, (128, 128, 8, 3)), (72, (128, 64, 8, 3))):
-        d0, d1 = _split_head_dim(D)
-        signature = {"QKV_ptr": "*bf16", "O_ptr": "*bf16",
-                     "stride_qb": "i32", "stride_ql": "i32", "stride_q3": "i32", "stride_qh": "i32",
-                     "stride_ob": "i32", "stride_ol": "i32", "H": "i32", "L": "i32", "qk_scale": "fp32"}
-        tail_m, tail_n = _tail_sizes(257, bm, bn)  # 16, 16: the tails of L = 257, 258 and 1026
-        constexprs = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=bm, BLOCK_N=bn,
-                          TAIL_M=tail_m, TAIL_N=tail_n, ALIGN=16 if D % 16 == 0 else 8, DOT_PRECISION="tf32")
-        signature.update({k: "constexpr" for k in constexprs})
-        names = _attention_fwd_kernel.arg_names
-        divisible = ["QKV_ptr", "O_ptr", "stride_qb", "stride_ql", "stride_q3", "stride_ob", "stride_ol"]
-        divisible += ["stride_qh"] if D % 16 == 0 else []  # stride_qh == D
-        specs.append(dict(
-            kernel="attention", config=f"D{D}_BM{bm}_BN{bn}_w{warps}_s{stages}_bf16",
-            fn=_attention_fwd_kernel, signature=signature, constexprs=constexprs,
-            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible},
-            num_warps=warps, num_stages=stages))
+    for dtype in dtypes:
+        if dtype not in _AOT_DTYPES:
+            raise ValueError(f"aot_specs: dtype {dtype!r} not one of {sorted(_AOT_DTYPES)}")
+        for D in head_dims:
+            d0, d1 = _split_head_dim(D)
+            for bm, bn, warps, stages in _candidates(D, _AOT_DTYPES[dtype]):
+                for L in lengths:
+                    tail_m, tail_n = _tail_sizes(L, bm, bn)
+                    constexprs = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=bm, BLOCK_N=bn,
+                                      TAIL_M=tail_m, TAIL_N=tail_n,
+                                      ALIGN=_alignment((D,)),  # qkv/out strides are multiples of D
+                                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                    signature = {name: "i32" for name in fn.arg_names}
+                    signature.update(QKV_ptr=f"*{dtype}", O_ptr=f"*{dtype}", qk_scale="fp32")
+                    signature.update({k: "constexpr" for k in constexprs})
+                    specs.append(dict(
+                        kernel="attention",
+                        config=f"{dtype} D{D} BM{bm} BN{bn} w{warps} s{stages} tail{tail_m}x{tail_n}",
+                        fn=fn, signature=signature, constexprs=constexprs,
+                        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("QKV_ptr", "O_ptr")},
+                        num_warps=warps, num_stages=stages))
     return specs

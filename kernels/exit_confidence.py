@@ -1,7 +1,14 @@
 """Early-exit confidence: mean over tokens l >= start and K outputs of sigmoid(h[b, l] @ W + bias).
 
 One read of h. Deterministic without float atomics: stage 1 writes one fp32 partial sum per
-(sample, block of tokens); stage 2 adds each sample's partials in a fixed order.
+(sample, block of tokens); stage 2 adds each sample's partials in a fixed order. Batch-invariant: the
+tile sizes depend on K only, never on B, so a sample's confidence is bitwise the same
+whichever batch it is computed in (an early exit at a threshold must not depend on the batch size).
+
+Dot precision (K > 1, z on tensor cores): both operands are upcast to fp32 in registers, and
+`input_precision` is chosen from both dtypes: "tf32" only when h and weight are both 16-bit (fp16 and
+bf16 values are exact in tf32, so nothing is rounded), "tf32x3" as soon as either is fp32 (an fp32
+weight rounded to tf32 would lose 13 bits silently; tf32x3 keeps ~fp32 accuracy on tensor cores).
 """
 import torch
 import triton
@@ -19,13 +26,13 @@ def _exit_confidence_fwd_kernel(
     stride_wc, stride_wk,
     stride_pb,
     USE_DOT: tl.constexpr,  # K > 1: z on tensor cores; K == 1: a row dot product on CUDA cores
-    DOT_PRECISION: tl.constexpr,  # "tf32" when h is 16-bit (exact in tf32), "tf32x3" for fp32 h
+    DOT_PRECISION: tl.constexpr,  # "tf32" when h and weight are 16-bit (exact in tf32), else "tf32x3"
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tl.static_assert(USE_DOT or BLOCK_K == 1)
     tl.static_assert(not USE_DOT or (BLOCK_L >= 16 and BLOCK_C >= 16 and BLOCK_K >= 16))
-    blk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)  # samples on axis 0: no 65,535 limit on the batch
+    blk = tl.program_id(1)
     toks = start + blk * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
     tok_ok = toks < L
     h_rows = H_ptr + b * stride_hb + toks.to(tl.int64)[:, None] * stride_hl  # (BLOCK_L, 1)
@@ -77,24 +84,31 @@ def _exit_confidence_reduce_kernel(
     tl.store(O_ptr + b, tl.sum(acc, axis=0) / count)
 
 
-# Enough programs to cover every SM of an H100 (132) about twice before shrinking token blocks further.
-_MIN_PROGRAMS = 264
+def _launch_config(K):
+    """(USE_DOT, BLOCK_L, BLOCK_C, BLOCK_K, num_warps) for K outputs.
 
-
-def _launch_config(B, n_tok, K):
-    """(USE_DOT, BLOCK_L, BLOCK_C, BLOCK_K, num_warps) for B samples of n_tok tokens and K outputs."""
+    Independent of the batch size on purpose (the summation order, hence the bits of each sample's
+    result, follows from these sizes). Short token blocks keep a small batch's SMs busy at 16 tokens per
+    program for the probe (K = 1; about 2 * 16 * C bytes each); the tensor-core path takes 64 tokens so
+    that the [C, K] weight, re-read by every program, stays small next to the h it serves.
+    """
     use_dot = K > 1
     block_k = max(16, triton.next_power_of_2(K)) if use_dot else 1
-    block_l = 64 if use_dot else 32
-    # Memory-bound: small batches need shorter token blocks to keep all SMs reading.
-    while block_l > 16 and B * triton.cdiv(n_tok, block_l) < _MIN_PROGRAMS:
-        block_l //= 2
+    block_l = 64 if use_dot else 16
     block_c = 64 if use_dot else 128
     return use_dot, block_l, block_c, block_k, 4
 
 
+def _dot_precision(h_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    """"tf32" when both operands are 16-bit (exact in tf32); "tf32x3" when either is fp32."""
+    return "tf32" if h_dtype.itemsize <= 2 and w_dtype.itemsize <= 2 else "tf32x3"
+
+
 def exit_confidence_fwd(h, weight, bias, start=0):
-    """h: [B, L, C] (last dim contiguous), weight: [C, K], bias: [K] -> [B] float32 confidence."""
+    """h: [B, L, C] (last dim contiguous), weight: [C, K], bias: [K] -> [B] float32 confidence.
+
+    B = 0 gives an empty [0] result, like torch. Each sample's value does not depend on B.
+    """
     if h.dim() != 3 or h.stride(-1) != 1:
         raise ValueError(f"exit_confidence_fwd: h must be [B, L, C] with a contiguous last dim, "
                          f"got shape {tuple(h.shape)} strides {h.stride()}")
@@ -106,19 +120,28 @@ def exit_confidence_fwd(h, weight, bias, start=0):
         raise ValueError(f"exit_confidence_fwd: bias must be [K={K}], got {tuple(bias.shape)}")
     if not 0 <= start < L:
         raise ValueError(f"exit_confidence_fwd: need 0 <= start < L={L}, got start={start}")
-    if K == 0 or B == 0:
-        raise ValueError(f"exit_confidence_fwd: empty problem B={B}, K={K}")
-    n_tok = L - start
-    use_dot, block_l, block_c, block_k, num_warps = _launch_config(B, n_tok, K)
-    n_blocks = triton.cdiv(n_tok, block_l)
-    partial = torch.empty(B, n_blocks, device=h.device, dtype=torch.float32)
+    if K == 0:
+        raise ValueError(f"exit_confidence_fwd: weight has K=0 outputs (shape {tuple(weight.shape)}); "
+                         "the mean over K outputs needs K >= 1")
     out = torch.empty(B, device=h.device, dtype=torch.float32)
-    precision = "tf32x3" if h.dtype == torch.float32 else "tf32"
-    _exit_confidence_fwd_kernel[(n_blocks, B)](
+    if B == 0:
+        return out
+    n_tok = L - start
+    use_dot, block_l, block_c, block_k, num_warps = _launch_config(K)
+    n_blocks = triton.cdiv(n_tok, block_l)
+    # Samples on grid axis 0 (up to 2**31 - 1), token blocks on axis 1 (at most 65535: L - start below
+    # about a million tokens).
+    if B > 2**31 - 1:
+        raise ValueError(f"exit_confidence_fwd: batch {B} exceeds the 2**31 - 1 programs of grid axis 0")
+    if n_blocks > 65535:
+        raise ValueError(f"exit_confidence_fwd: L - start = {n_tok} tokens need {n_blocks} blocks, more than "
+                         "the 65535 of grid axis 1")
+    partial = torch.empty(B, n_blocks, device=h.device, dtype=torch.float32)
+    _exit_confidence_fwd_kernel[(B, n_blocks)](
         h, weight, bias, partial,
         L, C, K, start,
         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), partial.stride(0),
-        USE_DOT=use_dot, DOT_PRECISION=precision,
+        USE_DOT=use_dot, DOT_PRECISION=_dot_precision(h.dtype, weight.dtype),
         BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
     )
     _exit_confidence_reduce_kernel[(B,)](
@@ -128,18 +151,17 @@ def exit_confidence_fwd(h, weight, bias, start=0):
     return out
 
 
-def aot_specs(dtype="bf16", widths=(1152, 512), ks=(1, 12)):
-    """Default launch configs as `triton.compile` inputs, for the ahead-of-time compile report.
-
-    Large-batch configs (B=128, L=257); pointers, C and row strides carry the 16-divisibility the
-    JIT would see at those shapes.
-    """
+def aot_specs(dtype="bf16", widths=(1152, 512), ks=(1, 12), weight_dtype=None):
+    """Launch configs as `triton.compile` inputs, for the ahead-of-time compile report (they do not
+    depend on B or L); pointers, C and row strides carry the 16-divisibility the JIT sees at the shipped
+    widths. `weight_dtype` defaults to h's."""
     specs = []
     fn = _exit_confidence_fwd_kernel
     for C in widths:
         for K in ks:
-            use_dot, block_l, block_c, block_k, num_warps = _launch_config(128, 257, K)
-            precision = "tf32x3" if dtype == "fp32" else "tf32"
+            use_dot, block_l, block_c, block_k, num_warps = _launch_config(K)
+            wdt = weight_dtype or dtype
+            precision = "tf32" if dtype != "fp32" and wdt != "fp32" else "tf32x3"
             constexprs = dict(USE_DOT=use_dot, DOT_PRECISION=precision,
                               BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_K=block_k)
             # The JIT turns integer arguments equal to 1 into constexprs: weight's column stride
@@ -149,7 +171,7 @@ def aot_specs(dtype="bf16", widths=(1152, 512), ks=(1, 12)):
             constexprs.update(stride_wk=1)
             if K == 1:
                 constexprs.update(K=1, stride_wc=1)
-            signature = {"H_ptr": f"*{dtype}", "W_ptr": f"*{dtype}", "BIAS_ptr": f"*{dtype}",
+            signature = {"H_ptr": f"*{dtype}", "W_ptr": f"*{wdt}", "BIAS_ptr": f"*{wdt}",
                          "P_ptr": "*fp32"}
             signature.update({k: ("constexpr" if k in constexprs else v) for k, v in ints.items()})
             signature.update({k: "constexpr" for k in ("USE_DOT", "DOT_PRECISION", "BLOCK_L", "BLOCK_C",
@@ -161,8 +183,8 @@ def aot_specs(dtype="bf16", widths=(1152, 512), ks=(1, 12)):
                 divisible.append("stride_wc")
             specs.append(dict(
                 kernel="exit_confidence",
-                config=f"{dtype} C={C} K={K} BLOCK_L={block_l} BLOCK_C={block_c} BLOCK_K={block_k} "
-                       f"dot={'tf32' if use_dot else 'no'} warps={num_warps}",
+                config=f"{dtype}{'' if wdt == dtype else '/w ' + wdt} C={C} K={K} BLOCK_L={block_l} "
+                       f"BLOCK_C={block_c} BLOCK_K={block_k} dot={precision if use_dot else 'no'} warps={num_warps}",
                 fn=fn, signature=signature, constexprs=constexprs,
                 attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible
                        if signature[n] != "constexpr"},

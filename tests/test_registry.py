@@ -155,3 +155,21 @@ def test_numpy_integer_start_is_accepted():
     import numpy as np
     h, w, b = torch.randn(2, 5, 8), torch.randn(8, 1), torch.randn(1)
     assert torch.equal(ops.exit_confidence(h, w, b, np.int64(2)), ops.exit_confidence(h, w, b, 2))
+
+
+def test_the_triton_kernel_takes_exactly_the_head_dims_the_op_declares():
+    pytest.importorskip("triton")
+    from duodiff_fast.kernels import attention as kernel
+    from duodiff_fast.ops.attention import HEAD_DIMS
+    assert set(kernel.HEAD_DIMS) == set(HEAD_DIMS)
+    assert ops.IMPLS["attention"]["triton"].SUPPORTED_HEAD_DIMS == HEAD_DIMS
+
+
+def test_compile_report_compiles_the_registry_kernel_modules():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "compile_report.py"
+    spec = importlib.util.spec_from_file_location("compile_report_for_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert set(mod.KERNEL_MODULES) == set(_registry.kernel_modules())

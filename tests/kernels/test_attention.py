@@ -13,7 +13,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from duodiff_fast.kernels.attention import _split_head_dim, _tail_sizes, attention_fwd, warmup  # noqa: E402
+import duodiff_fast.kernels.attention as attention_module  # noqa: E402
+from duodiff_fast.kernels.attention import (  # noqa: E402
+    _autotuner,
+    _bh_bucket,
+    _num_programs,
+    _split_head_dim,
+    _tail_sizes,
+    attention_fwd,
+    warmup,
+)
 from duodiff_fast.ops import attention_ref  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
@@ -131,6 +140,77 @@ def test_tiling_covers_sequence_with_one_small_tail():
     # head dims: a power-of-two part plus a padded remainder, never padded to the next power of two
     assert {D: _split_head_dim(D) for D in (32, 48, 64, 72, 80, 96, 128)} == {
         32: (32, 0), 48: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32), 128: (128, 0)}
+
+
+class _RecordingKernel:
+    """Stands in for the compiled kernel: records the grid and arguments of `kernel[grid](...)`."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.calls.append((grid(meta) if callable(grid) else grid, args, meta))
+        return launch
+
+
+@pytest.mark.parametrize("B,H,L", [(4375, 16, 257), (4096, 16, 1026), (3, 2, 40), (8, 8, 256)])
+def test_grid_is_one_dimensional_beyond_65535_heads(B, H, L, monkeypatch):
+    """B*H on grid axis 0 (limit 2**31 - 1), full tiles first: 4375 x 16 = 70,000 (batch 2 x 2188 with
+    guidance at 16 heads) used to exceed the 65,535 of grid axis 1. The launch is recorded, not run
+    (the interpreter takes about a minute per thousand programs)."""
+    fake = _RecordingKernel()
+    config = attention_module._config(128, 64, 4, 3, L=L)
+    monkeypatch.setattr(attention_module, "_kernel_and_config", lambda L: (fake, config))
+    # batch views with stride 0: the shapes without the memory
+    qkv = torch.empty(1, L, 3, H, 64, dtype=torch.float16).expand(B, L, 3, H, 64)
+    attention_fwd(qkv, out=torch.empty(1, L, H * 64, dtype=torch.float16).expand(B, L, H * 64))
+    (grid, args, meta), = fake.calls
+    n_main, tail_m = L // 128, config.kwargs["TAIL_M"]
+    n_tail = -(-(L % 128) // tail_m)
+    assert grid == (B * H * (n_main + n_tail),) == (_num_programs(B * H, L, 128, tail_m),)
+    names = attention_module._attention_fwd_kernel.arg_names
+    got = dict(zip(names, args))
+    assert got["BH"] == B * H and got["H"] == H and got["L"] == L and got["BH_BUCKET"] == _bh_bucket(B * H)
+    if B * H > 65535:
+        assert grid[0] > 65535
+
+
+def test_program_count_is_checked():
+    """Refused up front with the numbers, not inside the autotuner (a batch view with stride 0: no memory)."""
+    def views(B, L, H=16, D=32):
+        qkv = torch.empty(1, L, 3, H, D, dtype=torch.float16).expand(B, L, 3, H, D)
+        return qkv, torch.empty(1, L, H * D, dtype=torch.float16).expand(B, L, H * D)
+
+    qkv, out = views(2**23, 1026)
+    with pytest.raises(ValueError, match=r"B \* H = 134217728 at L = 1026 needs up to \d+ programs.*split"):
+        attention_fwd(qkv, out=out)
+    qkv, out = views(2**27, 1)
+    with pytest.raises(ValueError, match=r"B \* H = 2147483648 does not fit"):
+        attention_fwd(qkv, out=out)
+
+
+def test_old_kernel_kept_for_comparison_still_matches_reference():
+    """bench/legacy/attention_v0.py (the pre-fix kernel the GPU benchmark times beside the new one) stays
+    correct, so the before / after comparison compares two right answers."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "bench" / "legacy" / "attention_v0.py"
+    spec = importlib.util.spec_from_file_location("attention_v0", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    attention_v0 = mod.attention_fwd
+
+    qkv = _packed_qkv(2, 70, 2, 72, torch.float16, seed=6)
+    out = attention_v0(qkv)
+    err = (out.double() - attention_ref(qkv, upcast=True)).abs().max().item()
+    assert err <= 2 * (attention_ref(qkv).double() - attention_ref(qkv, upcast=True)).abs().max().item() + 2e-4
+
+
+def test_autotune_key_has_a_bucket_of_batch_times_heads():
+    assert _autotuner().keys == ["L", "HEAD_DIM", "BH_BUCKET"]
+    buckets = [_bh_bucket(n) for n in (1, 2, 3, 128, 129, 1000, 4096, 70000)]
+    assert buckets == [1, 2, 4, 128, 256, 1024, 4096, 4096]
 
 
 # ------------------------------------------------------------------------------------------- GPU only
