@@ -173,10 +173,7 @@ def profile_exits(model: EarlyExitModel, thresholds=(0.05, 0.1), *, n=64, steps=
                   # flat form, one entry per step, of the first threshold (what most readers want)
                   timesteps=profiles[0]["timesteps"], mean_exit=profiles[0]["mean_exit"],
                   std_exit=profiles[0]["std_exit"], threshold=[profiles[0]["threshold"]] * steps)
-    if out is not None:
-        _io.write_json(os.path.join(out, "exits.json"), result)
-        plot_profile(result, os.path.join(out, "exits.png"))
-    return result
+    return _write(result, out, "exits", plot_profile)
 
 
 def plot_profile(result, path):
@@ -255,11 +252,15 @@ def calibrate_switch(shallow, deep, *, switches=None, n=32, steps=25, solver="dd
     result = dict(rows=rows, tolerance_db=tolerance_db, chosen_switch=chosen["switch"],
                   chosen=chosen, n=n, steps=steps, solver=solver)
     if profile is not None:
-        shallow_depth = getattr(shallow, "num_blocks", 3)
-        result["profile_switch"] = suggest_switch_from_profile(profile, shallow_depth)
+        result["profile_switch"] = suggest_switch_from_profile(profile, getattr(shallow, "num_blocks", 3))
+    return _write(result, out, "calibrate", _plot_calibration)
+
+
+def _write(result, out, stem, plot):
+    """`out/<stem>.json` and `out/<stem>.png` (atomically) when `out` is given; returns `result`."""
     if out is not None:
-        _io.write_json(os.path.join(out, "calibrate.json"), result)
-        _plot_calibration(result, os.path.join(out, "calibrate.png"))
+        _io.write_json(os.path.join(out, f"{stem}.json"), result)
+        plot(result, os.path.join(out, f"{stem}.png"))
     return result
 
 
