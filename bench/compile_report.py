@@ -632,7 +632,9 @@ def main(argv=None) -> int:
                  + f". Tails of L=257 (16 x 16). Generated {before['meta']['date']} / {after['meta']['date']} by "
                  "`bench/compile_report.py --compare`; rows of candidates present in both."), "",
                 compare_table(before["rows"], after_rows), ""]
-        out.write_text("\n".join(text))
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("\n".join(text))
+        tmp.replace(out)  # atomic, like every results file
         print(f"wrote {out}")
         return 0
     if args.worker:

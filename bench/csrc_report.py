@@ -407,13 +407,11 @@ def write(result: dict, out_dir) -> tuple[Path, Path]:
     if b is not None:
         md += ["## Binding", "", f"`g++ -fsyntax-only csrc/bindings.cpp` against torch {b.get('torch', '?')}: "
                + ("ok" if "error" not in b else f"FAILED: {b['error']}") + f" ({b.get('compile_s', '?')} s)", ""]
+    sys.path.insert(0, str(ROOT))
+    from duodiff_fast import _io
     paths = []
     for name, text in (("csrc_report.json", json.dumps(result, indent=2) + "\n"), ("csrc_report.md", "\n".join(md))):
-        path = out / name
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(Path(_io.write_text(out / name, text)))
     return paths[0], paths[1]
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import shutil
@@ -195,9 +194,10 @@ def main(argv=None):
     for md in sorted(out.glob("**/*.md")):
         if md.name != "summary.md":
             lines += ["", f"## {md.name}", "", md.read_text(errors="replace")]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    (out / "suite.json").write_text(json.dumps(dict(card=card, budget=args.budget, dry_run=suite.dry,
-                                                    steps=suite.steps), indent=2) + "\n")
+    sys.path.insert(0, str(ROOT))
+    from duodiff_fast import _io
+    _io.write_text(out / "summary.md", "\n".join(lines) + "\n")
+    _io.write_json(out / "suite.json", dict(card=card, budget=args.budget, dry_run=suite.dry, steps=suite.steps))
     if args.pack:
         tar = out / "gpu_suite.tar.gz"
         with tarfile.open(tar, "w:gz") as tf:

@@ -632,13 +632,28 @@ def main_compile_report(args):
     for n in notes:
         print(f"note: {n}")
     print(f"\nwrote {jpath} and {mpath}")
-    return 1 if any("error" in r for r in rows) else 0
+    failed = any("error" in r for r in rows)
+    if not args.no_csrc:
+        # The CUDA C++ kernels beside the Triton rows: same columns, their own checks (bench/csrc_report.py).
+        import csrc_report
+        if csrc_report.missing_tools():
+            print(f"CUDA C++ rows skipped: {', '.join(csrc_report.missing_tools())} not found")
+        else:
+            print("\nCUDA C++ kernels (csrc/), nvcc for sm_80 and sm_90a ...")
+            res = csrc_report.run()
+            cj, cm = csrc_report.write(res, args.out)
+            print(csrc_report.format_checks(res))
+            print(f"wrote {cj} and {cm}")
+            failed = failed or not all(c["ok"] for c in res["checks"])
+    return 1 if failed else 0
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for JSON + markdown")
     parser.add_argument("--compile-report", action="store_true", help="only the ahead-of-time compile report")
+    parser.add_argument("--no-csrc", action="store_true",
+                        help="compile report: leave out the CUDA C++ rows (bench/csrc_report.py)")
     parser.add_argument("--kernels", nargs="*", default=None,
                         help="compile report: kernels to include (attention, norm, exit_confidence)")
     parser.add_argument("--max-configs", type=int, default=None,
