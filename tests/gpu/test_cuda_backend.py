@@ -14,6 +14,8 @@ import zlib
 import pytest
 import torch
 
+from duodiff_fast.ops.numerics import assert_flash_rule
+
 from duodiff_fast import _cpp_lib, ops
 from duodiff_fast.ops.attention import attention_ref
 from duodiff_fast.ops.exit_confidence import exit_confidence_ref
@@ -54,21 +56,10 @@ def _nan(*shape, dtype):
 
 
 def assert_close_to_ref(name, out, ref64, same_dtype, atol):
-    """DESIGN §6: max|out - ref64| <= 2 * max|torch_same_dtype - ref64| + atol; every element written."""
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    nan = torch.isnan(out)
-    assert not nan.any(), f"{name}: {int(nan.sum())} elements not written (NaN), first at {nan.nonzero()[0].tolist()}"
-    err = (out.double() - ref64).abs()
-    terr = (same_dtype.double() - ref64).abs()
-    bound = 2 * terr.max().item() + atol
-    print(f"{name}: max err {err.max().item():.3e} mean {err.mean().item():.3e} | torch same dtype max "
-          f"{terr.max().item():.3e} mean {terr.mean().item():.3e} | bound {bound:.3e}")
-    bad = err > bound
-    if bad.any():
-        idx = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(f"{name}: max err {err.max().item():.3e} > bound {bound:.3e}; first bad index "
-                             f"{list(idx)}: out {out[idx].item()} ref {ref64[idx].item()}")
-    return err.max().item(), bound
+    """DESIGN §6 (duodiff_fast.ops.numerics): max|out - ref64| <= 2 * max|torch_same_dtype - ref64| + atol,
+    every element written."""
+    r = assert_flash_rule(name, out, ref64, same_dtype, atol=atol)
+    return r["max_err"], r["bound"]
 
 
 # ==================================================================================================

@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from duodiff_fast.ops.numerics import assert_flash_rule
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
@@ -50,16 +52,8 @@ def _check(qkv, scale=None, out=None):
         f"{int(unwritten.sum())} outputs never written, first at {unwritten.nonzero()[0].tolist()}")
 
     ref64 = attention_ref(qkv, scale, upcast=True)
-    err = (res.double() - ref64).abs()
-    err_torch = (attention_ref(qkv, scale).double() - ref64).abs()
-    bound = 2 * err_torch.max().item() + ATOL[qkv.dtype]
-    print(f"B={B} L={L} H={H} D={D} {qkv.dtype}: max err {err.max().item():.3g} "
-          f"(mean {err.mean().item():.3g}); torch {err_torch.max().item():.3g} "
-          f"(mean {err_torch.mean().item():.3g}); bound {bound:.3g}")
-    worst = divmod(int(err.argmax()), H * D)
-    assert err.max().item() <= bound, (
-        f"max err {err.max().item():.3g} > bound {bound:.3g} at (b*L + l, h*D + d) = {worst}: "
-        f"got {res.flatten(0, 1)[worst].item()}, want {ref64.flatten(0, 1)[worst].item()}")
+    assert_flash_rule(f"B={B} L={L} H={H} D={D} {qkv.dtype}", res, ref64, attention_ref(qkv, scale),
+                      atol=ATOL[qkv.dtype])
     return res
 
 
