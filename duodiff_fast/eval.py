@@ -38,7 +38,8 @@ from .proxy import ProxyClassifier, as_float_images
 __all__ = [
     "load_images", "fidelity", "frechet_distance", "feature_statistics", "kernel_inception_distance",
     "reference_images", "proxy_features", "proxy_fid", "proxy_kid", "inception_features", "fid_kid",
-    "add_cli", "SHAPES_REFERENCE_SEED", "INCEPTION_WEIGHTS_URL",
+    "add_cli", "SHAPES_REFERENCE_SEED", "INCEPTION_WEIGHTS_URL", "class_accuracy", "bootstrap_interval",
+    "fid_interval", "paired_fid_difference",
 ]
 
 # Held-out seed for the Shapes reference set: differs from the default training seed (0) and from
@@ -310,6 +311,84 @@ def proxy_kid(samples, reference="shapes", batch_size: int = 500, reference_n: i
 
 
 # -----------------------------------------------------------------------------
+# Class accuracy and bootstrap intervals
+# -----------------------------------------------------------------------------
+
+def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0) -> torch.Tensor:
+    """``[n_boot, n]`` int64 resampling indices (with replacement), a pure function of the seed."""
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"bootstrap needs n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n, (n_boot, n), generator=g)
+
+
+def bootstrap_interval(stat, n: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval ``(low, high)`` of ``stat(idx)`` over resampled index sets (``stat``
+    maps an int64 index tensor ``[n]`` to a float). FID rises when points repeat, so its interval sits a
+    little above the point estimate; compare modes with the paired difference instead."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    vals = np.array([stat(idx) for idx in bootstrap_indices(n, n_boot, seed)], dtype=np.float64)
+    a = (1 - level) / 2
+    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+
+
+def class_accuracy(images, labels, classifier: ProxyClassifier | None = None, n_boot: int = 1000,
+                   seed: int = 0, level: float = 0.95, device=None) -> dict:
+    """Share of ``images`` the shipped proxy classifier assigns to the class they were sampled for.
+
+    ``images``: float ``[N, 3, H, W]`` in [-1, 1] or uint8 NHWC (a ``samples.npz`` path too); ``labels``:
+    int ``[N]`` in ``[0, num_classes)``. Returns ``acc``, ``low``/``high`` (percentile bootstrap interval
+    over images), ``per_class`` (NaN where a class was never asked for), ``n`` and ``pred``."""
+    clf = classifier or ProxyClassifier.load(device=device)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
+    pred = clf.predict(load_images(images))
+    if pred.shape[0] != labels.shape[0]:
+        raise ValueError(f"class_accuracy: {pred.shape[0]} images but {labels.shape[0]} labels")
+    if labels.numel() == 0:
+        raise ValueError("class_accuracy: no images")
+    if int(labels.min()) < 0 or int(labels.max()) >= clf.num_classes:
+        raise ValueError(f"class_accuracy: labels must be in [0, {clf.num_classes}) (the proxy classifier's "
+                         f"classes), found [{int(labels.min())}, {int(labels.max())}]")
+    correct = (pred == labels).double()
+    lo, hi = bootstrap_interval(lambda i: float(correct[i].mean()), len(correct), n_boot, seed, level)
+    per_class = [float(correct[labels == c].mean()) if bool((labels == c).any()) else float("nan")
+                 for c in range(clf.num_classes)]
+    return dict(acc=float(correct.mean()), low=lo, high=hi, per_class=per_class, n=int(len(correct)), pred=pred)
+
+
+def _fid_of(f: np.ndarray, ref_mu, ref_sigma) -> float:
+    # The symmetric-eigen form: ~50x faster than scipy's sqrtm at 128 features (hundreds of bootstrap
+    # resamples), equal to float64 round-off on well-conditioned covariances.
+    return frechet_distance(*feature_statistics(f), ref_mu, ref_sigma, method="eigh")
+
+
+def fid_interval(features, ref_mu, ref_sigma, n_boot: int = 200, seed: int = 0, level: float = 0.95) -> dict:
+    """FID of ``features`` ``[N, F]`` against fixed reference statistics, with a percentile bootstrap
+    interval over the samples (the reference, thousands of images, is held fixed)."""
+    f = np.asarray(features, dtype=np.float64)
+    lo, hi = bootstrap_interval(lambda i: _fid_of(f[i.numpy()], ref_mu, ref_sigma), len(f), n_boot, seed, level)
+    return dict(fid=_fid_of(f, ref_mu, ref_sigma), low=lo, high=hi)
+
+
+def paired_fid_difference(features_a, features_b, ref_mu, ref_sigma, n_boot: int = 200, seed: int = 0,
+                          level: float = 0.95) -> dict:
+    """FID(a) - FID(b) with a paired bootstrap interval: sample ``i`` of ``a`` and of ``b`` come from the same
+    noise and label, so each resample takes the same indices from both. An interval containing 0 means
+    the two are not told apart at this sample count."""
+    fa, fb = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if fa.shape != fb.shape:
+        raise ValueError(f"paired_fid_difference: feature shapes differ, {fa.shape} vs {fb.shape}")
+
+    def stat(i):
+        i = i.numpy()
+        return _fid_of(fa[i], ref_mu, ref_sigma) - _fid_of(fb[i], ref_mu, ref_sigma)
+
+    lo, hi = bootstrap_interval(stat, len(fa), n_boot, seed, level)
+    return dict(diff=_fid_of(fa, ref_mu, ref_sigma) - _fid_of(fb, ref_mu, ref_sigma), low=lo, high=hi)
+
+
+# -----------------------------------------------------------------------------
 # Real FID / KID: torch-fidelity's Inception-v3, weights from a local file
 # -----------------------------------------------------------------------------
 
@@ -418,7 +497,7 @@ def fid_kid(samples, reference, inception_weights=None, batch_size: int = 100, r
 # CLI: duodiff-fast eval
 # -----------------------------------------------------------------------------
 
-METRICS = ("fidelity", "proxy_fid", "proxy_kid", "fid", "kid")
+METRICS = ("fidelity", "proxy_fid", "proxy_kid", "fid", "kid", "class_acc")
 
 
 def _sample_meta(path: str) -> dict:
@@ -451,7 +530,7 @@ def cmd_eval(args) -> int:
         raise ValueError("eval: fidelity needs --reference: deep-only samples from the same "
                          "noise (`duodiff-fast sample --switch 0` with the same --seed and --n)")
     dist_ref = args.reference_data or args.reference
-    if any(m != "fidelity" for m in metrics) and dist_ref is None:
+    if any(m not in ("fidelity", "class_acc") for m in metrics) and dist_ref is None:
         raise ValueError("eval: proxy_fid/proxy_kid/fid/kid need --reference-data (e.g. shapes) "
                          "or --reference PATH.npz")
     if ("fid" in metrics or "kid" in metrics):
@@ -463,6 +542,11 @@ def cmd_eval(args) -> int:
     for path in list(args.samples) + ([args.reference] if args.reference else []):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"eval: no such samples file: {path}")
+    if "class_acc" in metrics:  # labels are needed: check every file before computing anything
+        for path in args.samples:
+            if load_images(path, with_labels=True)[1] is None:
+                raise ValueError(f"eval: class_acc needs the labels the samples were drawn for, and {path} has "
+                                 "no 'labels' array (class-conditional `duodiff-fast sample` writes one)")
     if args.out:
         _io.check_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -483,6 +567,10 @@ def cmd_eval(args) -> int:
         if "fidelity" in metrics:
             r = fidelity(path, args.reference)
             row.update(mse=r["mse"], psnr=r["psnr"], psnr_mean=r["psnr_mean"], n=r["n"])
+        if "class_acc" in metrics:
+            images, labels = load_images(path, with_labels=True)
+            r = class_accuracy(images, labels, device=device)
+            row.update(class_acc=r["acc"], class_acc_low=r["low"], class_acc_high=r["high"], n=r["n"])
         for name, (fn, _) in extractors.items():
             r = _distances(fn(load_images(path)), refs[name], 100, 1000)
             prefix = "proxy_" if name == "proxy" else ""
@@ -493,8 +581,9 @@ def cmd_eval(args) -> int:
                 row[prefix + "kid"], row[prefix + "kid_std"] = r["kid_mean"], r["kid_std"]
         rows.append(row)
 
-    cols = [c for c in ("samples", "switch", "shallow_steps", "n", "mse", "psnr", "proxy_fid", "proxy_kid",
-                        "fid", "kid") if any(c in r and r[c] is not None for r in rows)]
+    cols = [c for c in ("samples", "switch", "shallow_steps", "n", "mse", "psnr", "class_acc", "class_acc_low",
+                        "class_acc_high", "proxy_fid", "proxy_kid", "fid", "kid")
+            if any(c in r and r[c] is not None for r in rows)]
     table = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -525,7 +614,8 @@ def add_cli(subparsers) -> None:
                    help="reference images taken from --reference-data")
     p.add_argument("--metrics", default=None,
                    help=f"comma list from {','.join(METRICS)} (default: fidelity if --reference, "
-                        "proxy_fid, proxy_kid)")
+                        "proxy_fid, proxy_kid); class_acc: the proxy classifier's accuracy on the labels the "
+                        "samples were drawn for, with a 95%% bootstrap interval")
     p.add_argument("--inception-weights", default=None,
                    help="local Inception-v3 weights for fid/kid (torch-fidelity's "
                         "weights-inception-2015-12-05-6726825d.pth); never downloaded")

@@ -256,3 +256,58 @@ def test_inception_features_run_offline_from_a_local_file(tmp_path, monkeypatch)
     f = inception_features(x, str(weights), device="cpu")
     print(f"features {tuple(f.shape)}, mean {f.mean():.4g}")
     assert f.shape == (2, 2048) and torch.isfinite(f).all() and not torch.equal(f[0], f[1])
+
+
+# -----------------------------------------------------------------------------
+# class accuracy and bootstrap intervals
+# -----------------------------------------------------------------------------
+
+def test_class_accuracy_is_high_on_real_shapes_and_chance_on_shuffled_labels():
+    from duodiff_fast.eval import class_accuracy
+    x, y = Shapes(300, 32, seed=77).batch(range(300))
+    right = class_accuracy(x, y, n_boot=200)
+    print(right["acc"], right["low"], right["high"])
+    assert right["acc"] > 0.9 and right["low"] <= right["acc"] <= right["high"]
+    wrong = class_accuracy(x, (y + 1) % 10, n_boot=200)
+    assert wrong["acc"] < 0.2
+    assert right["high"] < 1.0 + 1e-9 and wrong["low"] >= 0.0
+    with pytest.raises(ValueError, match="labels must be in"):
+        class_accuracy(x, y + 10)
+    with pytest.raises(ValueError, match="300 images but 299 labels"):
+        class_accuracy(x, y[:299])
+
+
+def test_bootstrap_interval_narrows_with_more_samples_and_covers_the_mean():
+    from duodiff_fast.eval import bootstrap_interval
+    rng = np.random.RandomState(0)
+    small, large = rng.rand(50), rng.rand(2000)
+    ls, hs = bootstrap_interval(lambda i: float(small[i.numpy()].mean()), 50, 500)
+    ll, hl = bootstrap_interval(lambda i: float(large[i.numpy()].mean()), 2000, 500)
+    assert ls <= small.mean() <= hs and ll <= large.mean() <= hl
+    assert (hl - ll) < (hs - ls) / 3
+
+
+def test_paired_fid_difference_tells_degraded_from_same(tmp_path):
+    from duodiff_fast.eval import feature_statistics, paired_fid_difference
+    clf = ProxyClassifier.load()
+    ref = clf.features(Shapes(600, 32, seed=5).batch(range(600))[0])
+    mu, sigma = feature_statistics(ref)
+    a = clf.features(Shapes(150, 32, seed=6).batch(range(150))[0])
+    noisy = clf.features((Shapes(150, 32, seed=6).batch(range(150))[0] + 0.6 * torch.randn(150, 3, 32, 32)).clamp(-1, 1))
+    d = paired_fid_difference(noisy, a, mu, sigma, n_boot=60)
+    assert d["diff"] > 0 and d["low"] > 0  # the degraded set is worse, and the interval says so
+    same = paired_fid_difference(a, a, mu, sigma, n_boot=20)
+    assert same["diff"] == 0 and same["low"] == same["high"] == 0
+
+
+def test_eval_cli_class_acc(tmp_path, capsys):
+    x, y = Shapes(120, 32, seed=55).batch(range(120))
+    u8 = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    np.savez(tmp_path / "s.npz", arr_0=u8, labels=y.numpy())
+    out = tmp_path / "r.json"
+    _run_cli(["eval", "--samples", str(tmp_path / "s.npz"), "--metrics", "class_acc", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["class_acc"] > 0.9 and row["class_acc_low"] <= row["class_acc"] <= row["class_acc_high"]
+    np.savez(tmp_path / "nolabels.npz", arr_0=u8)
+    with pytest.raises(ValueError, match="no 'labels'"):
+        _run_cli(["eval", "--samples", str(tmp_path / "nolabels.npz"), "--metrics", "class_acc"])
