@@ -56,11 +56,17 @@ def load_demo_pair(device="cpu"):
 # -----------------------------------------------------------------------------
 
 def run_demo(out="out/demo", n=256, steps=25, switches=(0.2, 0.4, 0.6), solver="ddim", seed=0,
-             cfg_scale=None, clip_sample=1.0, reference_n=2000, batch_size=256, device=None, progress=True):
-    """Run every mode from the same noise; returns one dict per mode and writes PNGs + JSON to `out`."""
+             cfg_scale=None, clip_sample=1.0, reference_n=2000, batch_size=256, device=None, progress=True,
+             n_boot=1000, n_boot_fid=200):
+    """Run every mode from the same noise and labels; returns one dict per mode and writes PNGs + JSON to `out`.
+
+    Per mode: seconds per image and speed-up (measured and from the block count), class accuracy of the
+    shipped proxy classifier on the labels the samples were drawn for, proxy FID against held-out images of
+    the training data, both with 95% bootstrap intervals, the paired bootstrap interval of the proxy-FID
+    difference to deep-only (same noise, same resampled indices), and PSNR against deep-only."""
     from tqdm.auto import tqdm
 
-    from .eval import feature_statistics, fidelity, frechet_distance
+    from .eval import feature_statistics, fidelity
     from .proxy import ProxyClassifier
     from .sampling import DuoSampler
 
@@ -84,7 +90,9 @@ def run_demo(out="out/demo", n=256, steps=25, switches=(0.2, 0.4, 0.6), solver="
                           cfg_scale=cfg_scale, clip_sample=clip_sample if solver != "dpmsolver++" else None)
 
     warm = sampler(0.0)
-    labels = torch.randint(0, warm.label_range(), (n,), generator=gen)
+    # Balanced labels in order (0, 1, ..., 9, 0, 1, ...): the first strip of side_by_side.png shows each
+    # class once, and every class has the same weight in the class accuracy.
+    labels = torch.arange(n) % warm.label_range()
     warm.sample(noise=noise[:2], y=labels[:2])  # warm-up outside the clock
     images, rows = {}, []
     bar = tqdm(modes, desc="demo", unit="mode", disable=not progress)
@@ -100,9 +108,11 @@ def run_demo(out="out/demo", n=256, steps=25, switches=(0.2, 0.4, 0.6), solver="
         rows.append(dict(mode=name, switch=s, shallow_steps=smp.k, steps=steps, n=n,
                          seconds_per_image=seconds / n, theoretical_speedup=1.0 / smp.compute_fraction()))
 
+    from .eval import class_accuracy, fid_interval, paired_fid_difference, reference_images
     clf = ProxyClassifier.load(device=device)
-    from .eval import reference_images
-    ref_stats = feature_statistics(clf.features(reference_images("shapes", reference_n)))
+    data = getattr(deep, "training_data", None) or "shapes"
+    ref_stats = feature_statistics(clf.features(reference_images(data, reference_n)))
+    feats = {name: clf.features(x).numpy() for name, x in images.items()}
     base = rows[0]["seconds_per_image"]
     for r in rows:
         x = images[r["mode"]]
@@ -110,8 +120,15 @@ def run_demo(out="out/demo", n=256, steps=25, switches=(0.2, 0.4, 0.6), solver="
         fid = fidelity(x, images["deep-only"])
         r["psnr_vs_deep"] = fid["psnr"]
         r["mse_vs_deep"] = fid["mse"]
-        r["proxy_fid"] = frechet_distance(*feature_statistics(clf.features(x)), *ref_stats)
+        acc = class_accuracy(x, labels, classifier=clf, n_boot=n_boot, seed=seed)
+        r.update(class_acc=acc["acc"], class_acc_low=acc["low"], class_acc_high=acc["high"])
+        f = fid_interval(feats[r["mode"]], *ref_stats, n_boot=n_boot_fid, seed=seed)
+        r.update(proxy_fid=f["fid"], proxy_fid_low=f["low"], proxy_fid_high=f["high"])
+        if r["mode"] != "deep-only":
+            d = paired_fid_difference(feats[r["mode"]], feats["deep-only"], *ref_stats, n_boot=n_boot_fid, seed=seed)
+            r.update(fid_diff_vs_deep=d["diff"], fid_diff_low=d["low"], fid_diff_high=d["high"])
         r["device"] = _device_name(device)
+        r["reference"] = f"{data} (held-out seed, {reference_n} images)"
 
     _side_by_side(images, os.path.join(out, "side_by_side.png"), ncols=min(10, n))
     _speed_quality_plot(rows, os.path.join(out, "speed_quality.png"))
@@ -130,12 +147,19 @@ def _device_name(device):
 
 
 def markdown(rows) -> str:
-    lines = ["| mode | shallow steps | s/image | speed-up | theoretical | PSNR vs deep (dB) | proxy FID |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| mode | shallow steps | s/image | speed-up | theoretical | class accuracy [95% CI] | "
+             "proxy FID [95% CI] | proxy FID - deep [95% CI] | PSNR vs deep (dB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        psnr = "-" if r["mode"] == "deep-only" else f"{r['psnr_vs_deep']:.2f}"
-        lines.append(f"| {r['mode']} | {r['shallow_steps']}/{r['steps']} | {r['seconds_per_image']:.4f} | "
-                     f"{r['speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | {psnr} | {r['proxy_fid']:.2f} |")
+        if True:  # every row has the quality metrics
+            psnr = "-" if r["mode"] == "deep-only" else f"{r['psnr_vs_deep']:.2f}"
+            diff = "-" if "fid_diff_vs_deep" not in r else \
+                f"{r['fid_diff_vs_deep']:+.1f} [{r['fid_diff_low']:+.1f}, {r['fid_diff_high']:+.1f}]"
+            lines.append(
+                f"| {r['mode']} | {r['shallow_steps']}/{r['steps']} | {r['seconds_per_image']:.4f} | "
+                f"{r['speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | "
+                f"{100 * r['class_acc']:.1f}% [{100 * r['class_acc_low']:.1f}, {100 * r['class_acc_high']:.1f}] | "
+                f"{r['proxy_fid']:.1f} [{r['proxy_fid_low']:.1f}, {r['proxy_fid_high']:.1f}] | {diff} | {psnr} |")
     return "\n".join(lines)
 
 
@@ -165,18 +189,21 @@ def _speed_quality_plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     sp = [r["speedup"] for r in rows]
-    a.plot(sp, [r["proxy_fid"] for r in rows], "o-")
-    a.set_xlabel("measured speed-up over deep-only")
-    a.set_ylabel("proxy FID (lower is better)")
-    for r in rows:
-        a.annotate(r["mode"], (r["speedup"], r["proxy_fid"]), fontsize=7, xytext=(3, 3),
-                   textcoords="offset points")
+    for ax, key, label, scale in ((axes[0], "class_acc", "class accuracy (%)", 100.0),
+                                  (axes[1], "proxy_fid", "proxy FID (lower is better)", 1.0)):
+        y = [scale * r[key] for r in rows]
+        err = [[scale * (r[key] - r[f"{key}_low"]) for r in rows], [scale * (r[f"{key}_high"] - r[key]) for r in rows]]
+        ax.errorbar(sp, y, yerr=err, fmt="o-", capsize=3)
+        for r, v in zip(rows, y):
+            ax.annotate(r["mode"], (r["speedup"], v), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("measured speed-up over deep-only")
+        ax.set_ylabel(label + " [95% CI]")
     duo = [r for r in rows if r["mode"] != "deep-only"]
-    b.plot([r["shallow_steps"] / r["steps"] for r in duo], [r["psnr_vs_deep"] for r in duo], "s-")
-    b.set_xlabel("share of steps on the shallow model")
-    b.set_ylabel("PSNR vs deep-only, same noise (dB)")
+    axes[2].plot([r["shallow_steps"] / r["steps"] for r in duo], [r["psnr_vs_deep"] for r in duo], "s-")
+    axes[2].set_xlabel("share of steps on the shallow model")
+    axes[2].set_ylabel("PSNR vs deep-only, same noise (dB)")
     fig.suptitle(f"DuoDiff on the demo pair ({rows[0]['device']})", fontsize=9)
     fig.tight_layout()
     _io.savefig(fig, path, dpi=110)
@@ -197,8 +224,9 @@ def cmd_demo(args):
     print(f"wrote {args.out}/side_by_side.png, speed_quality.png, results.json, results.md "
           f"({time.perf_counter() - t0:.0f} s in all)")
     print(f"fastest DuoDiff setting: {best['speedup']:.2f}x over deep-only (theory {best['theoretical_speedup']:.2f}x), "
-          f"PSNR {best['psnr_vs_deep']:.1f} dB vs deep-only, proxy FID {best['proxy_fid']:.2f} "
-          f"(deep-only {rows[0]['proxy_fid']:.2f}); timings on {rows[0]['device']}")
+          f"class accuracy {100 * best['class_acc']:.1f}% (deep-only {100 * rows[0]['class_acc']:.1f}%), "
+          f"proxy FID {best['proxy_fid']:.1f} (deep-only {rows[0]['proxy_fid']:.1f}), PSNR {best['psnr_vs_deep']:.1f} "
+          f"dB vs deep-only; timings on {rows[0]['device']}")
     print(markdown(rows))
     return 0
 

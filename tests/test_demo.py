@@ -31,7 +31,8 @@ def test_missing_or_foreign_weights_are_named(tmp_path):
 
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    rows = run_demo(out=str(out), n=8, steps=6, switches=(0.5,), reference_n=64, batch_size=8, progress=False)
+    rows = run_demo(out=str(out), n=8, steps=6, switches=(0.5,), reference_n=64, batch_size=8, progress=False,
+                    n_boot=100, n_boot_fid=20)
     assert [r["mode"] for r in rows] == ["deep-only", "DuoDiff 0.5", "shallow-only"]
     assert [r["shallow_steps"] for r in rows] == [0, 3, 6]
     assert rows[0]["theoretical_speedup"] == pytest.approx(1.0)
@@ -39,6 +40,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert rows[2]["theoretical_speedup"] == pytest.approx(13 / 3)
     for r in rows:
         assert r["seconds_per_image"] > 0 and r["proxy_fid"] > 0
+        assert 0.0 <= r["class_acc_low"] <= r["class_acc"] <= r["class_acc_high"] <= 1.0
+        assert r["proxy_fid_low"] <= r["proxy_fid_high"]
+    assert "fid_diff_vs_deep" not in rows[0] and rows[1]["fid_diff_low"] <= rows[1]["fid_diff_high"]
     # the deep segment pulls DuoDiff's samples towards deep-only: closer than shallow-only ones
     assert rows[1]["psnr_vs_deep"] > rows[2]["psnr_vs_deep"]
     for name in ("side_by_side.png", "speed_quality.png", "results.json", "results.md"):
