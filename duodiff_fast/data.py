@@ -12,7 +12,8 @@ batched fetch that ``DataLoader`` uses when present), which avoid a Python call 
 
 Sources:
 - ``Shapes``: procedurally drawn coloured shapes on textured backgrounds, 10 classes, any size,
-  deterministic by seed, nothing downloaded.
+  deterministic by seed, nothing downloaded; ``style='clean'`` (spec ``shapes-clean``) draws the same
+  items on plain gradient backgrounds, without texture, grain, shadow or shading.
 - ``cifar10``: the python pickle batches of ``cifar-10-python.tar.gz`` (folder or the tarball).
 - ``image_folder``: one subfolder per class (or loose images: unconditional), read with Pillow.
 - ``npz_images``: arrays in an ``.npz`` (uint8 NHWC or float NCHW in [-1, 1]).
@@ -192,6 +193,7 @@ _PARAMS = ("cx", "cy", "size", "rot", "fg_h", "fg_s", "fg_v", "bg_dh", "bg_s", "
            "grad_dir", "grad_amt", "grad_dh", "shade_dir", "shadow_dx", "shadow_dy", "shadow_amt",
            "grain", "tex_amt", "edge", "tile_a", "tile_b", "shift_a", "shift_b")
 _TEX_K = 6  # cosine basis functions per axis for the background texture (up to 2.5 cycles per image)
+SHAPE_STYLES = ("textured", "clean")
 
 
 class Shapes(_BatchedDataset):
@@ -206,12 +208,21 @@ class Shapes(_BatchedDataset):
     gradient with low-frequency texture and fine grain. Any ``img_size`` works; geometry is
     resolution independent. Rendering is vectorised over the batch: use ``batch(indices)`` (or a
     ``DataLoader``, which calls ``__getitems__``) for speed.
+
+    ``style='clean'`` renders the same items (same shape, place, size, rotation, colours and
+    gradient: item ``i`` differs only in what is left out) without background texture, grain, drop
+    shadow or shading. Most of a textured image's pixels are background detail that has nothing to
+    do with the label; in the clean style the shape is what a denoiser has to get right, which is
+    what the small demo pair, trained for minutes on a CPU, needs in order to learn its classes.
     """
 
     classes = SHAPE_CLASSES
     _CHUNK = 256  # items per render call
 
-    def __init__(self, n: int = 50_000, img_size: int = 32, seed: int = 0, num_classes: int = 10):
+    def __init__(self, n: int = 50_000, img_size: int = 32, seed: int = 0, num_classes: int = 10,
+                 style: str = "textured"):
+        if style not in SHAPE_STYLES:
+            raise ValueError(f"Shapes: style must be one of {SHAPE_STYLES}, got {style!r}")
         if n < 0:
             raise ValueError(f"Shapes: n must be >= 0, got {n}")
         if img_size < 4:
@@ -220,6 +231,7 @@ class Shapes(_BatchedDataset):
             raise ValueError(f"Shapes: num_classes must be in 1..{len(SHAPE_CLASSES)}, got {num_classes}")
         self.n, self.img_size, self.seed = int(n), int(img_size), int(seed)
         self.num_classes = int(num_classes)
+        self.style = style
         self.channels = 3
         self.classes = SHAPE_CLASSES[:num_classes]
         self._key = int(_hash32(_hash32(torch.tensor(self.seed & _M32)) ^ ((self.seed >> 32) & _M32)))
@@ -239,8 +251,9 @@ class Shapes(_BatchedDataset):
         return self.n
 
     def __repr__(self):
+        style = "" if self.style == "textured" else f", style={self.style!r}"
         return (f"Shapes(n={self.n}, img_size={self.img_size}, seed={self.seed}, "
-                f"num_classes={self.num_classes})")
+                f"num_classes={self.num_classes}{style})")
 
     def labels(self, indices=None) -> torch.Tensor:
         """Labels of `indices` (all items when None) without rendering anything."""
@@ -333,6 +346,12 @@ class Shapes(_BatchedDataset):
         t = (0.5 + 0.5 * (col(torch.cos(gd)) * lin[None, None, :] + col(torch.sin(gd)) * lin[None, :, None]))
         t = t.clamp(0, 1)[:, None]  # (B, 1, H, W)
         bg = torch.addcmul(bg_a[:, :, None, None], (bg_b - bg_a)[:, :, None, None], t)  # (B, 3, H, W)
+        if self.style == "clean":  # the same item without texture, shadow, shading or grain
+            img = torch.lerp(bg, fg[:, :, None, None].expand_as(bg), alpha[:, None])
+            img = img.clamp_(0, 1).mul_(2).sub_(1)
+            out = torch.empty_like(img)
+            out[order] = img
+            return out
         K = _TEX_K
         coef = (_uniform(keys, 1, 2 * K * K).view(B, 2, K, K) - 0.5) * self._tex_amp
         tint = torch.tensor([1.0, -0.5, -0.5]).view(1, 3, 1, 1)
@@ -762,7 +781,7 @@ def latent_features(path: str, num_classes: int | None = None):
 # Spec parsing
 # -----------------------------------------------------------------------------
 
-_SPECS = ("'shapes' or 'shapes:<img_size>', 'cifar10:<folder or tar.gz>', 'folder:<folder>', "
+_SPECS = ("'shapes' or 'shapes:<img_size>', 'shapes-clean[:<img_size>]', 'cifar10:<folder or tar.gz>', 'folder:<folder>', "
           "'npz:<file.npz>', 'latents:<file or folder>'")
 
 
@@ -773,20 +792,23 @@ _PATH_LOADERS = ("cifar10", "cifar-10", "cifar", "folder", "imagefolder", "image
 def get_dataset(spec: str, **kwargs):
     """Build a dataset from a spec string; ``kwargs`` go to the loader.
 
-    ``'shapes'`` / ``'shapes:64'`` (kwargs ``n=50000, seed=0, num_classes=10``);
+    ``'shapes'`` / ``'shapes:64'`` (kwargs ``n=50000, seed=0, num_classes=10, style='textured'``);
+    ``'shapes-clean'`` / ``'shapes-clean:32'``: the same with ``style='clean'``;
     ``'cifar10:/data/cifar-10-batches-py'`` (``train=True``); ``'folder:/data/imgs'`` (``img_size``,
     default 32); ``'npz:/data/x.npz'`` (``key``, ``labels_key``); ``'latents:/data/feats.npz'``.
     A bare existing path is recognised by its content.
     """
     name, _, arg = spec.partition(":")
     name = name.strip().lower()
-    if name == "shapes":
+    if name in ("shapes", "shapes-clean"):
         if arg:
             try:
                 kwargs.setdefault("img_size", int(arg))
             except ValueError:
-                raise ValueError(f"dataset spec {spec!r}: expected 'shapes:<img_size>' "
+                raise ValueError(f"dataset spec {spec!r}: expected '{name}:<img_size>' "
                                  "with an integer size") from None
+        if name == "shapes-clean":
+            kwargs.setdefault("style", "clean")
         return Shapes(**kwargs)
     if name in _PATH_LOADERS and not arg.strip():
         raise ValueError(f"dataset spec {spec!r}: expected '{name}:<path>'; specs: {_SPECS}")

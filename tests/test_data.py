@@ -138,6 +138,29 @@ def test_shapes_classes_are_distinguishable():
     assert acc > 0.5, f"accuracy {acc:.3f}, per class {per_class}"
 
 
+def test_shapes_clean_style_same_items_without_background_detail():
+    tex, clean = Shapes(64, 32, seed=3), get_dataset("shapes-clean:32", n=64, seed=3)
+    assert clean.style == "clean" and "style='clean'" in repr(clean) and tex.style == "textured"
+    xt, yt = tex.batch(range(64))
+    xc, yc = clean.batch(range(64))
+    assert torch.equal(yt, yc) and xc.shape == xt.shape and xc.dtype == torch.float32
+    assert xc.min() >= -1 and xc.max() <= 1
+    # Same items: the textured and the clean image of item i agree far better than two different items.
+    same = (xt - xc).abs().mean((1, 2, 3))
+    other = (xt - xc.roll(1, 0)).abs().mean((1, 2, 3))
+    assert (same < other).float().mean() > 0.9
+    # No grain or texture: neighbouring pixels of the clean images differ much less.
+    def roughness(x):
+        return (x[..., 1:] - x[..., :-1]).abs().mean().item()
+    assert roughness(xc) < 0.6 * roughness(xt), (roughness(xc), roughness(xt))
+    # Deterministic and batching independent, like the textured style.
+    assert torch.equal(clean.batch([5, 9])[0], xc[[5, 9]])
+    with pytest.raises(ValueError, match="style"):
+        Shapes(4, 32, style="glossy")
+    with pytest.raises(ValueError, match="shapes-clean:<img_size>"):
+        get_dataset("shapes-clean:big")
+
+
 def test_shapes_with_dataloader_batched_fetch():
     ds = Shapes(64, 16, seed=2)
     loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=False)
