@@ -42,6 +42,7 @@ def load_demo_model(path, device="cpu"):
     model = create_model(json.loads(meta["spec"]))
     model.load_state_dict(sd, strict=True)
     model.trained_steps = int(meta.get("step", 0))
+    model.training_data = meta.get("data") or None  # dataset spec it was trained on (the FID reference)
     return model.to(device).eval()
 
 

@@ -392,6 +392,90 @@ def paired_fid_difference(features_a, features_b, ref_mu, ref_sigma, n_boot: int
 # Real FID / KID: torch-fidelity's Inception-v3, weights from a local file
 # -----------------------------------------------------------------------------
 
+# -----------------------------------------------------------------------------
+# Denoiser probes: does a model read its label, can it pass noise through?
+# -----------------------------------------------------------------------------
+
+def _model_time(model, t: int, n: int):
+    from .sampling import get_schedule
+    sched = get_schedule(model.schedule_spec)
+    return sched, sched.model_time(torch.full((n,), int(t)), model.time_convention).float()
+
+
+@torch.no_grad()
+def label_probe(model, data: str = "shapes", n: int = 200, ts=(100, 300, 500, 700, 900), seed: int = 0) -> list:
+    """Per ``t`` in ``ts``, on ``n`` held-out images of ``data`` noised to ``t``: the eps MSE with the right
+    label (``mse_right``), a wrong one (``mse_wrong``: true + 1..K-1 at random) and the null class
+    (``mse_null``), and ``label_effect`` = mean |eps(right) - eps(null)| / mean |eps(right)|.
+
+    A class-conditional model that uses its label has ``mse_right < mse_wrong`` where the class is still
+    open (mid t); one whose ``label_effect`` is ~0.003 ignores it, and its samples are classes by chance.
+    Needs a discrete-schedule, class-conditional model with a null class (the demo pair)."""
+    from .data import get_dataset
+    if not getattr(model, "num_classes", 0) or getattr(model, "null_class", None) is None:
+        raise ValueError("label_probe: the model must be class-conditional with a null class")
+    was = model.training
+    model.eval()
+    ds = get_dataset(data, n=n, seed=SHAPES_REFERENCE_SEED + 1, img_size=model.img_size) \
+        if data.split(":")[0].strip().lower().startswith("shapes") else get_dataset(data)
+    n = min(n, len(ds))
+    x0, y = ds.batch(range(n))
+    x0 = x0.to(next(model.parameters()).device)
+    y = y.to(x0.device)
+    g = torch.Generator().manual_seed(seed)
+    K = int(ds.num_classes)
+    wrong = (y + torch.randint(1, max(K, 2), (n,), generator=g).to(y.device)) % max(K, 2)
+    null = torch.full_like(y, model.null_class)
+    rows = []
+    for t in ts:
+        sched, tm = _model_time(model, t, n)
+        ab = float(sched.alphas_cumprod[int(t)])
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        xt = ab ** 0.5 * x0 + (1 - ab) ** 0.5 * eps
+        tm = tm.to(x0.device)
+        e_r, e_w, e_n = (model(xt, tm, lab)[:, :x0.shape[1]] for lab in (y, wrong, null))
+        rows.append(dict(t=int(t), mse_right=float((e_r - eps).square().mean()),
+                         mse_wrong=float((e_w - eps).square().mean()),
+                         mse_null=float((e_n - eps).square().mean()),
+                         label_effect=float((e_r - e_n).abs().mean() / e_r.abs().mean().clamp_min(1e-12))))
+    model.train(was)
+    return rows
+
+
+@torch.no_grad()
+def passthrough_probe(model, t: int = 999, n: int = 64, patch: int | None = None, seed: int = 0) -> dict:
+    """How well an eps-predictor returns pure noise at timestep ``t`` (near T, the optimal eps is x_t).
+
+    Returns ``mse`` (eps_pred vs x_t), per patch the least-squares ``gain`` of eps_pred on x_t: ``gain_std``
+    (0 for a perfect pass-through) and ``gain_norm_corr`` (correlation of the gain with the patch norm:
+    near -1 when every output patch leaves with the same norm, what a per-token LayerNorm head does
+    until training has taught it to carry the norm through), and ``cosine`` (mean per-patch direction
+    agreement). In x0 = (x_t - sigma eps) / alpha, an eps error of 0.01 at t = 999 is an error of about 17."""
+    was = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    S, C = model.img_size, model.in_channels
+    p = int(patch or getattr(model, "patch_size", 1))
+    dev = next(model.parameters()).device
+    x = torch.randn(n, C, S, S, generator=g).to(dev)
+    nc = int(getattr(model, "num_classes", 0) or 0)
+    y = torch.randint(0, max(1, nc - 1), (n,), generator=g).to(dev) if nc else None
+    _, tm = _model_time(model, t, n)
+    tm = tm.to(dev)
+    e = (model(x, tm, y) if y is not None else model(x, tm))[:, :C]
+    model.train(was)
+
+    def patches(z):  # (n, L, C*p*p)
+        return z.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(n, -1, C * p * p)
+
+    xp, ep = patches(x), patches(e)
+    gain = (ep * xp).sum(-1) / xp.square().sum(-1)
+    corr = torch.corrcoef(torch.stack([gain.flatten(), xp.norm(dim=-1).flatten()]))[0, 1]
+    cos = torch.nn.functional.cosine_similarity(ep, xp, dim=-1).mean()
+    return dict(t=int(t), mse=float((e - x).square().mean()), gain_std=float(gain.std()),
+                gain_norm_corr=float(corr), cosine=float(cos))
+
+
 def _check_inception_weights(path) -> str:
     how = (f"download it once (e.g. `wget {INCEPTION_WEIGHTS_URL}`; it is torch-fidelity's "
            f"pt_inception-2015-12-05 file, 91 MB) and pass its path with --inception-weights / "

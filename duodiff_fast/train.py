@@ -81,6 +81,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = True                   # decay_s = min(ema_decay, (1 + s) / (10 + s))
     label_dropout: float = 0.1                # probability of the null label (CFG); needs a null class
+    min_snr_gamma: float | None = None        # Min-SNR-gamma loss weights min(SNR, gamma) / SNR (None: plain MSE)
     schedule: str | dict | None = None        # None: the spec's discrete schedule, else DuoDiff 'linear'
     time_convention: str | None = None        # None: the model's, when it fits the schedule
     precision: str = "auto"                   # 'auto' (bf16 autocast on CUDA, fp32 on CPU) | 'bf16' | 'fp32'
@@ -125,6 +126,11 @@ class TrainConfig:
                 raise ArgumentError(f"{w}: betas[{i}] must be < 1, got {v:g}")
         cf(self.grad_clip, "grad_clip", minimum=0.0, where=w)
         cf(self.ema_decay, "ema_decay", minimum=0.0, maximum=1.0, where=w)
+        if self.min_snr_gamma is not None:
+            cf(self.min_snr_gamma, "min_snr_gamma", minimum=0.0, where=w)
+            if not self.min_snr_gamma > 0:
+                raise ArgumentError(f"{w}: min_snr_gamma must be > 0 (or None for plain MSE), "
+                                    f"got {self.min_snr_gamma:g}")
         v = cf(self.label_dropout, "label_dropout", minimum=0.0, maximum=1.0, where=w)
         if v >= 1.0:
             raise ArgumentError(f"{w}: label_dropout must be < 1 (1 would never show a label), got {v:g}")
@@ -506,9 +512,9 @@ def _export_ok(path: str, step: int) -> bool:
         return False
 
 
-def _export_ema(ema_model, path, spec, step):
-    meta = {"format": "duodiff-fast", "weights": "ema", "spec": json.dumps(spec), "step": step,
-            "preset": spec.get("preset", "")}
+def _export_ema(ema_model, path, spec, step, data=""):
+    meta = {"format": "duodiff-fast", "weights": "ema", "spec": json.dumps(spec), "step": str(step),
+            "preset": spec.get("preset", ""), "data": str(data or "")}
     sd = {k: v.detach().to("cpu").contiguous() for k, v in ema_model.state_dict().items()}
     _io.save_safetensors_dict(sd, path, metadata=meta)
 
@@ -523,6 +529,8 @@ class _Batch:
     def __init__(self, model, schedule, spec, dataset, cfg, device):
         self.device, self.schedule, self.conv = device, schedule, spec["time_convention"]
         self.C = model.in_channels
+        self.gamma = None if cfg.min_snr_gamma is None else float(cfg.min_snr_gamma)
+        self.snr = None  # per-sample SNR a^2 / s^2 of the last batch (for the loss weights)
         if schedule.kind == "discrete":
             ac = schedule.alphas_cumprod  # float64 [T]
             self.a_tab = ac.sqrt().float().to(device)
@@ -586,6 +594,7 @@ class _Batch:
         x0 = x0 * self.scale
         eps = torch.randn(x0.shape, generator=gen, device=dev)
         xt = a.view(B, 1, 1, 1) * x0 + s.view(B, 1, 1, 1) * eps  # (B, C, H, W)
+        self.snr = (a.float() / s.float()).square()
         tm = self.schedule.model_time(t, self.conv).to(torch.float32)
         if self.num_classes > 0:
             y = y.to(dev, torch.long, non_blocking=True)
@@ -595,6 +604,16 @@ class _Batch:
         else:
             y = None
         return xt, tm, y, eps
+
+    def loss(self, pred, eps):
+        """MSE on eps; with `min_snr_gamma`, each sample's MSE weighted by min(SNR, gamma) / SNR (Hang et al.
+        2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", the eps-prediction form): the
+        nearly clean steps, whose eps is hard to guess and barely matters for sampling, stop dominating
+        the gradient, and the noisy steps, where the class and the layout are decided, get its weight."""
+        if self.gamma is None:
+            return F.mse_loss(pred, eps)
+        w = self.snr.clamp(max=self.gamma) / self.snr
+        return ((pred - eps).square().flatten(1).mean(1) * w).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -750,7 +769,7 @@ def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safet
             _truncate_log(paths["log"], start)
             if not _export_ok(paths["safetensors"], start):
                 # Missing, truncated or stale export of a resumed run: rewrite it from the checkpoint.
-                _export_ema(ema.model, paths["safetensors"], spec, start)
+                _export_ema(ema.model, paths["safetensors"], spec, start, cfg.data)
 
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (main and cfg.progress),
@@ -771,7 +790,7 @@ def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safet
         if path not in own_ckpts:
             own_ckpts.append(path)
         _prune(own_ckpts, cfg.keep_checkpoints)
-        _export_ema(ema.model, paths["safetensors"], spec, step)
+        _export_ema(ema.model, paths["safetensors"], spec, step, cfg.data)
         paths["checkpoint"] = path
 
     log_mode = "a" if resume_path is not None else "w"  # a fresh run does not extend an old log
@@ -783,7 +802,7 @@ def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safet
             with torch.autocast(**amp):
                 out_ = ddp(xt, tm, y) if y is not None else ddp(xt, tm)
             # Only the eps channels: DiT's learned-sigma channels are not trained (DDIM/DDPM ignore them).
-            loss = F.mse_loss(out_[:, : batcher.C].float(), eps)
+            loss = batcher.loss(out_[:, : batcher.C].float(), eps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -837,7 +856,8 @@ def cmd_train(args) -> int:
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, betas=tuple(args.betas),
         grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay, label_dropout=args.label_dropout, schedule=args.schedule,
+        ema_decay=args.ema_decay, label_dropout=args.label_dropout, min_snr_gamma=args.min_snr_gamma,
+        schedule=args.schedule,
         time_convention=args.time_convention, precision=args.precision, seed=args.seed, resume=args.resume,
         overwrite=args.overwrite,
         init_from_deep=args.init_from_deep, stop_at=args.stop_at, ckpt_every=args.ckpt_every,
@@ -873,6 +893,9 @@ def add_cli(subparsers):
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--label-dropout", type=float, default=d.label_dropout)
+    p.add_argument("--min-snr-gamma", type=float, default=d.min_snr_gamma,
+                   help="weight each sample's eps MSE by min(SNR, gamma) / SNR (Min-SNR-gamma, e.g. 5; "
+                        "default: plain MSE, the DuoDiff recipe)")
     p.add_argument("--schedule", default=None,
                    help="training schedule (default: the model's discrete one, else linear)")
     p.add_argument("--time-convention", default=None, choices=list(TIME_CONVENTIONS))

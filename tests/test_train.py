@@ -210,3 +210,58 @@ def test_cli_train_arguments():
     assert args.ema_decay == 0.999 and args.lr == 2e-4 and args.weight_decay == 0.03
     args = build_parser().parse_args(["train", "--model", "m", "--resume", "runs/x"])
     assert args.resume == "runs/x"
+
+
+# -----------------------------------------------------------------------------
+# Min-SNR-gamma loss weights, the position-table init
+# -----------------------------------------------------------------------------
+
+def test_min_snr_gamma_weights_each_sample_by_its_snr(tmp_path):
+    from duodiff_fast.data import get_dataset
+    from duodiff_fast.sampling.schedules import get_schedule
+    from duodiff_fast.train import _Batch
+
+    model = create_model(tiny())
+    ds = get_dataset("shapes:8", n=32)
+    sched = get_schedule({"name": "linear"})
+    spec = dict(tiny(), time_convention="frac1000")
+    x0, y = ds.batch(range(16))
+    pred = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for gamma in (None, 5.0, 1e9):
+        b = _Batch(model, sched, spec, ds, cfg(tmp_path, min_snr_gamma=gamma), torch.device("cpu"))
+        xt, tm, yy, eps = b(x0, y, torch.Generator().manual_seed(0))
+        t = (tm * 1000).round().long()  # frac1000: the model time is t / 1000
+        ac = sched.alphas_cumprod[t].float()
+        snr = ac / (1 - ac)
+        assert torch.allclose(b.snr, snr, rtol=1e-4)
+        per = (pred - eps).square().flatten(1).mean(1)
+        want = per.mean() if gamma is None else (per * snr.clamp(max=gamma) / snr).mean()
+        losses[gamma] = b.loss(pred, eps)
+        assert torch.allclose(losses[gamma], want, rtol=1e-5), (gamma, losses[gamma], want)
+    # A huge gamma weighs every sample 1: plain MSE; gamma 5 weighs the nearly clean ones down.
+    assert torch.allclose(losses[1e9], losses[None], rtol=1e-5)
+    assert (snr > 5).any() and losses[5.0] < losses[None]
+
+
+def test_min_snr_gamma_run_and_validation(tmp_path):
+    res = train(cfg(tmp_path / "r", steps=4, min_snr_gamma=5.0))
+    assert res["step"] == 4 and res["final_loss"] > 0
+    assert json.load(open(tmp_path / "r" / "config.json"))["min_snr_gamma"] == 5.0
+    for bad in (0.0, -1.0, float("nan"), "5"):
+        with pytest.raises(ValueError, match="min_snr_gamma"):
+            cfg(tmp_path / "x", min_snr_gamma=bad).validate()
+
+
+def test_uvit_pos_embed_std_changes_only_the_init():
+    official = create_model(tiny())
+    wide = create_model(tiny(pos_embed_std=1.0))
+    assert 0.005 < official.pos_embed.std().item() < 0.03
+    assert 0.7 < wide.pos_embed.std().item() < 1.0  # truncated at 2 std
+    assert wide.pos_embed.abs().max().item() <= 2.0
+    wide.load_state_dict(official.state_dict())  # same parameters, same shapes: checkpoints load either way
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([0.1, 0.9]), torch.tensor([1, 10])
+    assert torch.equal(wide(x, t, y), official(x, t, y))
+    for bad in (0, -0.1, float("inf"), "1", True):
+        with pytest.raises(ValueError, match="pos_embed_std"):
+            create_model(tiny(pos_embed_std=bad))

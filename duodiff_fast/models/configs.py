@@ -98,11 +98,13 @@ def _dit(size, patch_size, input_size=32):
 
 # Not official U-ViT checkpoints: DuoDiff's own recipe (DESIGN.md §2: linear betas, net fed t/1000).
 _DUODIFF = [
-    ("duodiff_cifar10_small", _uvit(32, 2, 512, 12, 8, -1),
+    ("duodiff_cifar10_small", _uvit(32, 2, 512, 12, 8, -1), "frac1000",
      "U-ViT-S/2 as DuoDiff trains it on CIFAR-10: linear betas 1e-4..0.02, net fed t/1000"),
-    # The demo pair shipped in duodiff_fast/assets (trained on the built-in Shapes data, README):
-    # 10 classes + label 10 as the null class for guidance, 4x4 patches -> 64 tokens + 2.
-    ("uvit_shapes32_demo", _uvit(32, 4, 128, 12, 4, 11),
+    # The demo pair shipped in duodiff_fast/assets (trained on the built-in clean Shapes data, README):
+    # 10 classes + label 10 as the null class for guidance, 4x4 patches -> 64 tokens + 2. Fed integer t
+    # (fed t / 1000, a 128-wide sinusoidal embedding moves little over the whole range) and with a
+    # std-1 position table (UViT's pos_embed_std: lets the head pass each patch's noise norm through).
+    ("uvit_shapes32_demo", dict(_uvit(32, 4, 128, 12, 4, 11), pos_embed_std=1.0), "int",
      "small U-ViT (13 blocks, width 128) for the built-in Shapes data, 32x32, 10 classes + null"),
 ]
 
@@ -125,8 +127,8 @@ def _build_presets():
         family="dit", kwargs=_dit("xl", 2, input_size=64), time_convention="int", schedule=dict(LINEAR),
         latent=True, latent_scale=LATENT_SCALE, cfg_scale=DIT_CFG_SCALE, cfg_channels=DIT_CFG_CHANNELS,
         description="DiT-XL/2, ImageNet 512 latent 4x64x64, 1000 classes (+ null label)")
-    for name, kwargs, desc in _DUODIFF:
-        presets[name] = dict(family="uvit", kwargs=kwargs, time_convention="frac1000", schedule=dict(LINEAR),
+    for name, kwargs, tc, desc in _DUODIFF:
+        presets[name] = dict(family="uvit", kwargs=kwargs, time_convention=tc, schedule=dict(LINEAR),
                              latent=False, description=desc, official=False)
     for name in list(presets):
         shallow = copy.deepcopy(presets[name])
