@@ -529,7 +529,8 @@ class _Batch:
     def __init__(self, model, schedule, spec, dataset, cfg, device):
         self.device, self.schedule, self.conv = device, schedule, spec["time_convention"]
         self.C = model.in_channels
-        self.gamma = None if cfg.min_snr_gamma is None else float(cfg.min_snr_gamma)
+        gamma = getattr(cfg, "min_snr_gamma", None)  # exit-head training has no weighting
+        self.gamma = None if gamma is None else float(gamma)
         self.snr = None  # per-sample SNR a^2 / s^2 of the last batch (for the loss weights)
         if schedule.kind == "discrete":
             ac = schedule.alphas_cumprod  # float64 [T]
