@@ -67,8 +67,6 @@ def run_demo(out="out/demo", n=256, steps=25, switches=(0.2, 0.4, 0.6), solver="
     difference to deep-only (same noise, same resampled indices), and PSNR against deep-only."""
     from tqdm.auto import tqdm
 
-    from .eval import feature_statistics, fidelity
-    from .proxy import ProxyClassifier
     from .sampling import DuoSampler
 
     w = "demo"
@@ -100,36 +98,12 @@ def run_demo(out="out/demo", n=256, steps=25, switches=(0.2, 0.4, 0.6), solver="
     for name, s in bar:
         smp = sampler(s)
         bar.set_postfix_str(f"{name}: {smp.k}/{steps} shallow steps")
-        chunks, seconds = [], 0.0
-        for i in range(0, n, batch_size):
-            t0 = time.perf_counter()
-            chunks.append(smp.sample(noise=noise[i:i + batch_size], y=labels[i:i + batch_size]).cpu())
-            seconds += time.perf_counter() - t0
-        images[name] = torch.cat(chunks).clamp(-1, 1)
+        images[name], seconds = timed_samples(smp, noise, labels, batch_size)
         rows.append(dict(mode=name, switch=s, shallow_steps=smp.k, steps=steps, n=n,
                          seconds_per_image=seconds / n, theoretical_speedup=1.0 / smp.compute_fraction()))
-
-    from .eval import class_accuracy, fid_interval, paired_fid_difference, reference_images
-    clf = ProxyClassifier.load(device=device)
     data = getattr(deep, "training_data", None) or "shapes"
-    ref_stats = feature_statistics(clf.features(reference_images(data, reference_n)))
-    feats = {name: clf.features(x).numpy() for name, x in images.items()}
-    base = rows[0]["seconds_per_image"]
-    for r in rows:
-        x = images[r["mode"]]
-        r["speedup"] = base / r["seconds_per_image"]
-        fid = fidelity(x, images["deep-only"])
-        r["psnr_vs_deep"] = fid["psnr"]
-        r["mse_vs_deep"] = fid["mse"]
-        acc = class_accuracy(x, labels, classifier=clf, n_boot=n_boot, seed=seed)
-        r.update(class_acc=acc["acc"], class_acc_low=acc["low"], class_acc_high=acc["high"])
-        f = fid_interval(feats[r["mode"]], *ref_stats, n_boot=n_boot_fid, seed=seed)
-        r.update(proxy_fid=f["fid"], proxy_fid_low=f["low"], proxy_fid_high=f["high"])
-        if r["mode"] != "deep-only":
-            d = paired_fid_difference(feats[r["mode"]], feats["deep-only"], *ref_stats, n_boot=n_boot_fid, seed=seed)
-            r.update(fid_diff_vs_deep=d["diff"], fid_diff_low=d["low"], fid_diff_high=d["high"])
-        r["device"] = _device_name(device)
-        r["reference"] = f"{data} (held-out seed, {reference_n} images)"
+    score_modes(images, labels, rows, data=data, reference_n=reference_n, n_boot=n_boot, n_boot_fid=n_boot_fid,
+                seed=seed, device=device)
 
     _side_by_side(images, os.path.join(out, "side_by_side.png"), ncols=min(10, n))
     _speed_quality_plot(rows, os.path.join(out, "speed_quality.png"))
@@ -138,6 +112,49 @@ def run_demo(out="out/demo", n=256, steps=25, switches=(0.2, 0.4, 0.6), solver="
                         clip_sample=clip_sample, reference_n=reference_n, deep_trained_steps=deep.trained_steps,
                         shallow_trained_steps=shallow.trained_steps))
     _io.write_text(os.path.join(out, "results.md"), markdown(rows) + "\n")
+    return rows
+
+
+def timed_samples(smp, noise, labels, batch_size):
+    """All of `noise` sampled by `smp` in batches: (images clamped to [-1, 1] on the CPU, seconds of sampling)."""
+    chunks, seconds = [], 0.0
+    for i in range(0, noise.shape[0], batch_size):
+        t0 = time.perf_counter()
+        chunks.append(smp.sample(noise=noise[i:i + batch_size], y=labels[i:i + batch_size]).cpu())
+        seconds += time.perf_counter() - t0
+    return torch.cat(chunks).clamp(-1, 1), seconds
+
+
+def score_modes(images, labels, rows, *, data="shapes", reference_n=2000, n_boot=1000, n_boot_fid=200, seed=0,
+                device=None, baseline="deep-only"):
+    """Fill each row (one per mode, `row['mode']` keys `images`) with its quality and speed against `baseline`
+    (sampled from the same noise and labels): measured speed-up, PSNR/MSE to the baseline's samples, class
+    accuracy of the shipped proxy classifier with a bootstrap interval, proxy FID against held-out images of
+    `data` with a bootstrap interval, and the paired bootstrap interval of the FID difference to the
+    baseline. Used by the demo and by bench/early_exit.py."""
+    from .eval import class_accuracy, feature_statistics, fid_interval, fidelity, paired_fid_difference, \
+        reference_images
+    from .proxy import ProxyClassifier
+    device = torch.device(device or "cpu")
+    clf = ProxyClassifier.load(device=device)
+    ref_stats = feature_statistics(clf.features(reference_images(data, reference_n)))
+    feats = {name: clf.features(x).numpy() for name, x in images.items()}
+    base = next(r for r in rows if r["mode"] == baseline)["seconds_per_image"]
+    for r in rows:
+        x = images[r["mode"]]
+        r["speedup"] = base / r["seconds_per_image"]
+        fid = fidelity(x, images[baseline])
+        r["psnr_vs_deep"] = fid["psnr"]
+        r["mse_vs_deep"] = fid["mse"]
+        acc = class_accuracy(x, labels, classifier=clf, n_boot=n_boot, seed=seed)
+        r.update(class_acc=acc["acc"], class_acc_low=acc["low"], class_acc_high=acc["high"])
+        f = fid_interval(feats[r["mode"]], *ref_stats, n_boot=n_boot_fid, seed=seed)
+        r.update(proxy_fid=f["fid"], proxy_fid_low=f["low"], proxy_fid_high=f["high"])
+        if r["mode"] != baseline:
+            d = paired_fid_difference(feats[r["mode"]], feats[baseline], *ref_stats, n_boot=n_boot_fid, seed=seed)
+            r.update(fid_diff_vs_deep=d["diff"], fid_diff_low=d["low"], fid_diff_high=d["high"])
+        r["device"] = _device_name(device)
+        r["reference"] = f"{data} (held-out seed, {reference_n} images)"
     return rows
 
 

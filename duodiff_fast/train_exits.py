@@ -35,7 +35,7 @@ class ExitTrainConfig:
     backbone: str | dict = "uvit_shapes32_demo"  # preset, JSON spec, or spec dict of the deep model
     backbone_ckpt: str | None = None             # its weights ('demo' = the shipped demo deep model)
     variant: str = "duodiff"
-    data: str = "shapes"
+    data: str | None = None                      # None: what the backbone was trained on (its export says), else 'shapes'
     data_kwargs: dict = field(default_factory=dict)
     out: str = "runs/exits"
     steps: int = 2000
@@ -119,7 +119,9 @@ def train_exits(cfg: ExitTrainConfig) -> dict:
         raise ArgumentError("train-exits: the backbone carries no schedule_spec (build it from a preset or spec)")
     schedule = get_schedule(backbone.schedule_spec)
     spec = dict(time_convention=backbone.time_convention, latent=bool(getattr(backbone, "latent", False)))
-    dataset = get_dataset(cfg.data, **cfg.data_kwargs)
+    data = cfg.data or getattr(backbone, "training_data", None) or "shapes"
+    cfg = dataclasses.replace(cfg, data=data)  # config.json records the dataset used
+    dataset = get_dataset(data, **cfg.data_kwargs)
     batcher = _Batch(backbone, schedule, spec, dataset, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -252,7 +254,8 @@ def add_cli(subparsers):
     p.add_argument("--backbone", default=d.backbone, help="preset or JSON spec of the deep model")
     p.add_argument("--backbone-ckpt", default=None, help="its weights; 'demo' = the shipped demo deep model")
     p.add_argument("--variant", default=d.variant, choices=["duodiff", "adadiff"])
-    p.add_argument("--data", default=d.data)
+    p.add_argument("--data", default=d.data,
+                   help="dataset spec (default: the one the backbone was trained on, recorded in its export; else shapes)")
     p.add_argument("--out", default=d.out)
     p.add_argument("--steps", type=argtype_int(1), default=d.steps)
     p.add_argument("--batch-size", type=argtype_int(1), default=d.batch_size)
