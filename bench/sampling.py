@@ -15,6 +15,10 @@ Modes (random weights: speed does not depend on them; the same noise and labels 
   compile-deep       torch.compile(mode='max-autotune') of the deep model, deep only (GPU, or --compile)
   compile-duodiff    torch.compile of both models in the eager DuoDiff loop (GPU, or --compile)
   duodiff@s / shallow-only   the switch sweep on our full stack, for the speed-up-versus-theory check
+  adadiff-probe-all  early exit's price at full depth: the deep model with AdaDiff exit maps (random here),
+                     threshold 1.0 (never exits), batch mode: a probe and a host sync before every block
+  adadiff-first-exit the same at threshold 0.0: the whole batch leaves at the first exit, every step
+                     (the most early exit can save; its quality is measured in bench/early_exit.py)
 
 Theory: a DuoDiff run with k shallow of N steps costs (k F_s + (N-k) F_d) / (N F_d) of deep-only, F the
 FLOPs of one forward (counted with torch's FlopCounterMode at batch 1); for same-width pairs this is the
@@ -180,6 +184,20 @@ def build_modes(args, device, dtype, deep_name, shallow_name):
     if args.compile or (cuda and not args.no_compile):
         modes += [("compile-deep", lambda: sampler(dtype, 0.0, False, compiled=True, deep_only=True), Env()),
                   ("compile-duodiff", lambda: sampler(dtype, s, False, compiled=True), Env())]
+    if args.exit_modes:
+        from duodiff_fast.models.exits import EarlyExitModel
+        from duodiff_fast.sampling import EarlyExitSampler
+
+        def exit_sampler(dt, threshold):
+            _, deep = models(dt)
+            key = ("exits", dt)
+            if key not in cache:
+                torch.manual_seed(2)
+                cache[key] = EarlyExitModel(deep, "adadiff").to(device, dt).eval()
+            return EarlyExitSampler(cache[key], threshold, mode="batch", solver=args.solver, steps=args.steps)
+
+        modes += [("adadiff-probe-all", lambda: exit_sampler(dtype, 1.0), Env()),
+                  ("adadiff-first-exit", lambda: exit_sampler(dtype, 0.0), Env())]
     for sw in args.sweep:
         if sw == s:
             continue
@@ -297,7 +315,10 @@ def run(args) -> dict:
                 row.update(shallow_steps=smp.k, seconds_min=min(t), seconds_median=statistics.median(t),
                            seconds_all=t, images_per_s=batch / min(t), latency_ms=1e3 * min(t) / 1,
                            peak_mb=res["peak_mb"], graphs=smp.uses_graphs())
-                row.update(theory(smp, f_s, f_d, same_width) if name not in ("official-fp32",) else {})
+                row.update(theory(smp, f_s, f_d, same_width or name.startswith("adadiff"))
+                           if name not in ("official-fp32",) else {})
+                if name.startswith("adadiff"):
+                    row["mean_blocks_per_step"] = float(smp.trace.exits.double().mean())
                 if base_min and name not in ("official-fp32", "compile-deep"):
                     row["speedup_vs_deep"] = base_min / min(t)
                     row["speedup_vs_deep_median"] = statistics.median(base) / statistics.median(t)
@@ -330,7 +351,8 @@ def check_bars(rows, device):
         # The bar is about DuoDiff: deep is the reference itself and shallow-only is no DuoDiff run (on a
         # CPU at batch 2 its 3 blocks of weights stay in cache, so it beats the block count: reported only).
         if "error" in r or "speedup_vs_deep" not in r or r["mode"] in ("deep", "shallow-only", "duodiff-eager",
-                                                                         "compile-duodiff"):
+                                                                         "compile-duodiff") \
+                or r["mode"].startswith("adadiff"):  # early exit: its gap to the block count is reported
             continue
         if r["mode"] == "duodiff-kernels" and gpu:
             continue  # the GPU check is on the full stack (graphs); eager kernels are host-bound at batch 1
@@ -455,6 +477,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile modes on CPU too (slow)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile modes on a GPU")
     p.add_argument("--no-launch-counts", dest="launch_counts", action="store_false")
+    p.add_argument("--no-exit-modes", dest="exit_modes", action="store_false",
+                   help="skip the early-exit (AdaDiff) rows")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
