@@ -12,8 +12,8 @@ batched fetch that ``DataLoader`` uses when present), which avoid a Python call 
 
 Sources:
 - ``Shapes``: procedurally drawn coloured shapes on textured backgrounds, 10 classes, any size,
-  deterministic by seed, nothing downloaded; ``style='clean'`` (spec ``shapes-clean``) draws the same
-  items on plain gradient backgrounds, without texture, grain, shadow or shading.
+  deterministic by seed, nothing downloaded; ``style='bold'`` (spec ``shapes-bold``, the demo pair's data)
+  draws larger, more central shapes in a hue set by the class on plain gradient backgrounds.
 - ``cifar10``: the python pickle batches of ``cifar-10-python.tar.gz`` (folder or the tarball).
 - ``image_folder``: one subfolder per class (or loose images: unconditional), read with Pillow.
 - ``npz_images``: arrays in an ``.npz`` (uint8 NHWC or float NCHW in [-1, 1]).
@@ -193,7 +193,7 @@ _PARAMS = ("cx", "cy", "size", "rot", "fg_h", "fg_s", "fg_v", "bg_dh", "bg_s", "
            "grad_dir", "grad_amt", "grad_dh", "shade_dir", "shadow_dx", "shadow_dy", "shadow_amt",
            "grain", "tex_amt", "edge", "tile_a", "tile_b", "shift_a", "shift_b")
 _TEX_K = 6  # cosine basis functions per axis for the background texture (up to 2.5 cycles per image)
-SHAPE_STYLES = ("textured", "clean")
+SHAPE_STYLES = ("textured", "bold")
 
 
 class Shapes(_BatchedDataset):
@@ -209,11 +209,15 @@ class Shapes(_BatchedDataset):
     resolution independent. Rendering is vectorised over the batch: use ``batch(indices)`` (or a
     ``DataLoader``, which calls ``__getitems__``) for speed.
 
-    ``style='clean'`` renders the same items (same shape, place, size, rotation, colours and
-    gradient: item ``i`` differs only in what is left out) without background texture, grain, drop
-    shadow or shading. Most of a textured image's pixels are background detail that has nothing to
-    do with the label; in the clean style the shape is what a denoiser has to get right, which is
-    what the small demo pair, trained for minutes on a CPU, needs in order to learn its classes.
+    ``style='bold'`` makes the class the dominant signal of an image, which is what a small denoiser
+    trained for minutes on a CPU (the demo pair) needs in order to learn its classes: no background
+    texture, grain, drop shadow or shading (a plain two-colour gradient), shapes larger (half-size
+    0.42-0.62 of the half-width instead of 0.36-0.62) and nearer the centre (half the offset), and the
+    shape's hue set by its class (class k: hue k/10, +-0.03), its saturation and value still random.
+    Measured why: a 13-block U-ViT trained 1,000 steps on textured, then on same-place plain-background
+    shapes, still ignored its label (eps moved 0.4% by it), since the class decides few of the pixels.
+    The label still carries the shape: the proxy classifier, trained on textured shapes in every hue,
+    recognises bold ones by shape: 98.9% of 1,000 (textured: 98.4%).
     """
 
     classes = SHAPE_CLASSES
@@ -303,8 +307,9 @@ class Shapes(_BatchedDataset):
         px = 2.0 / S  # one pixel in image units
 
         # ---- geometry: unit-frame coordinates of every pixel, for the shape and for its shadow
-        size = 0.36 + 0.26 * P["size"]  # shape half-size; the image spans [-1, 1]
-        margin = 1.0 - 0.95 * size
+        bold = self.style == "bold"
+        size = (0.42 + 0.2 * P["size"]) if bold else (0.36 + 0.26 * P["size"])  # half-size; image spans [-1, 1]
+        margin = (1.0 - 0.95 * size) * (0.5 if bold else 1.0)
         cx, cy = (2 * P["cx"] - 1) * margin, (2 * P["cy"] - 1) * margin
         tilt_only = torch.zeros(B, dtype=torch.bool)
         for c in _TILT_ONLY:
@@ -334,8 +339,9 @@ class Shapes(_BatchedDataset):
         bright_fg = P["polarity"] < 0.5
         fg_v = torch.where(bright_fg, 0.72 + 0.26 * P["fg_v"], 0.22 + 0.25 * P["fg_v"])
         bg_v = torch.where(bright_fg, 0.18 + 0.25 * P["bg_v"], 0.62 + 0.3 * P["bg_v"])
-        fg = _hsv_to_rgb(P["fg_h"], 0.5 + 0.45 * P["fg_s"], fg_v)  # (B, 3)
-        bg_h = (P["fg_h"] + 0.25 + 0.5 * P["bg_dh"]) % 1.0
+        fg_h = (cls.float() / self.num_classes + 0.06 * (P["fg_h"] - 0.5)) % 1.0 if bold else P["fg_h"]
+        fg = _hsv_to_rgb(fg_h, 0.5 + 0.45 * P["fg_s"], fg_v)  # (B, 3)
+        bg_h = (fg_h + 0.25 + 0.5 * P["bg_dh"]) % 1.0
         bg_s = 0.1 + 0.4 * P["bg_s"]
         bg_a = _hsv_to_rgb(bg_h, bg_s, bg_v)
         bg_b = _hsv_to_rgb((bg_h + 0.16 * (P["grad_dh"] - 0.5)) % 1.0, bg_s,
@@ -346,7 +352,7 @@ class Shapes(_BatchedDataset):
         t = (0.5 + 0.5 * (col(torch.cos(gd)) * lin[None, None, :] + col(torch.sin(gd)) * lin[None, :, None]))
         t = t.clamp(0, 1)[:, None]  # (B, 1, H, W)
         bg = torch.addcmul(bg_a[:, :, None, None], (bg_b - bg_a)[:, :, None, None], t)  # (B, 3, H, W)
-        if self.style == "clean":  # the same item without texture, shadow, shading or grain
+        if bold:  # no texture, shadow, shading or grain
             img = torch.lerp(bg, fg[:, :, None, None].expand_as(bg), alpha[:, None])
             img = img.clamp_(0, 1).mul_(2).sub_(1)
             out = torch.empty_like(img)
@@ -781,7 +787,7 @@ def latent_features(path: str, num_classes: int | None = None):
 # Spec parsing
 # -----------------------------------------------------------------------------
 
-_SPECS = ("'shapes' or 'shapes:<img_size>', 'shapes-clean[:<img_size>]', 'cifar10:<folder or tar.gz>', 'folder:<folder>', "
+_SPECS = ("'shapes' or 'shapes:<img_size>', 'shapes-bold[:<img_size>]', 'cifar10:<folder or tar.gz>', 'folder:<folder>', "
           "'npz:<file.npz>', 'latents:<file or folder>'")
 
 
@@ -793,22 +799,22 @@ def get_dataset(spec: str, **kwargs):
     """Build a dataset from a spec string; ``kwargs`` go to the loader.
 
     ``'shapes'`` / ``'shapes:64'`` (kwargs ``n=50000, seed=0, num_classes=10, style='textured'``);
-    ``'shapes-clean'`` / ``'shapes-clean:32'``: the same with ``style='clean'``;
+    ``'shapes-bold'`` / ``'shapes-bold:32'``: the same with ``style='bold'``;
     ``'cifar10:/data/cifar-10-batches-py'`` (``train=True``); ``'folder:/data/imgs'`` (``img_size``,
     default 32); ``'npz:/data/x.npz'`` (``key``, ``labels_key``); ``'latents:/data/feats.npz'``.
     A bare existing path is recognised by its content.
     """
     name, _, arg = spec.partition(":")
     name = name.strip().lower()
-    if name in ("shapes", "shapes-clean"):
+    if name in ("shapes", "shapes-bold"):
         if arg:
             try:
                 kwargs.setdefault("img_size", int(arg))
             except ValueError:
                 raise ValueError(f"dataset spec {spec!r}: expected '{name}:<img_size>' "
                                  "with an integer size") from None
-        if name == "shapes-clean":
-            kwargs.setdefault("style", "clean")
+        if name == "shapes-bold":
+            kwargs.setdefault("style", "bold")
         return Shapes(**kwargs)
     if name in _PATH_LOADERS and not arg.strip():
         raise ValueError(f"dataset spec {spec!r}: expected '{name}:<path>'; specs: {_SPECS}")

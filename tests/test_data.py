@@ -138,27 +138,38 @@ def test_shapes_classes_are_distinguishable():
     assert acc > 0.5, f"accuracy {acc:.3f}, per class {per_class}"
 
 
-def test_shapes_clean_style_same_items_without_background_detail():
-    tex, clean = Shapes(64, 32, seed=3), get_dataset("shapes-clean:32", n=64, seed=3)
-    assert clean.style == "clean" and "style='clean'" in repr(clean) and tex.style == "textured"
-    xt, yt = tex.batch(range(64))
-    xc, yc = clean.batch(range(64))
-    assert torch.equal(yt, yc) and xc.shape == xt.shape and xc.dtype == torch.float32
-    assert xc.min() >= -1 and xc.max() <= 1
-    # Same items: the textured and the clean image of item i agree far better than two different items.
-    same = (xt - xc).abs().mean((1, 2, 3))
-    other = (xt - xc.roll(1, 0)).abs().mean((1, 2, 3))
-    assert (same < other).float().mean() > 0.9
-    # No grain or texture: neighbouring pixels of the clean images differ much less.
-    def roughness(x):
+def test_shapes_bold_style_plain_backgrounds_larger_shapes_class_hue():
+    tex, bold = Shapes(200, 32, seed=3), get_dataset("shapes-bold:32", n=200, seed=3)
+    assert bold.style == "bold" and "style='bold'" in repr(bold) and tex.style == "textured"
+    xt, yt = tex.batch(range(200))
+    xb, yb = bold.batch(range(200))
+    assert torch.equal(yt, yb) and xb.shape == xt.shape and xb.dtype == torch.float32
+    assert xb.min() >= -1 and xb.max() <= 1
+
+    def roughness(x):  # no grain or texture: neighbouring pixels differ much less
         return (x[..., 1:] - x[..., :-1]).abs().mean().item()
-    assert roughness(xc) < 0.6 * roughness(xt), (roughness(xc), roughness(xt))
+    assert roughness(xb) < 0.6 * roughness(xt), (roughness(xb), roughness(xt))
+    # The shape's hue follows the class: the pixels that differ most from the image's corner colour
+    # (the shape) have a per-class mean colour, and classes 0 and 5 (hues 0 and 0.5) differ.
+    corner = xb[:, :, :2, :2].mean((2, 3), keepdim=True)
+    far = (xb - corner).norm(dim=1, keepdim=True)
+    mask = (far >= far.flatten(1).quantile(0.8, dim=1).view(-1, 1, 1, 1)).float()
+    fg = (xb * mask).sum((2, 3)) / mask.sum((2, 3))  # (N, 3) mean shape colour
+    red = fg[:, 0] - fg[:, 1:].mean(1)
+    assert red[yb == 0].mean() > red[yb == 5].mean() + 0.3
     # Deterministic and batching independent, like the textured style.
-    assert torch.equal(clean.batch([5, 9])[0], xc[[5, 9]])
+    assert torch.equal(bold.batch([5, 9])[0], xb[[5, 9]])
     with pytest.raises(ValueError, match="style"):
         Shapes(4, 32, style="glossy")
-    with pytest.raises(ValueError, match="shapes-clean:<img_size>"):
-        get_dataset("shapes-clean:big")
+    with pytest.raises(ValueError, match="shapes-bold:<img_size>"):
+        get_dataset("shapes-bold:big")
+
+
+def test_proxy_classifier_recognises_bold_shapes_by_shape():
+    from duodiff_fast.eval import class_accuracy
+    x, y = get_dataset("shapes-bold", n=600, seed=21).batch(range(600))
+    acc = class_accuracy(x, y, n_boot=10)
+    assert acc["acc"] > 0.95, acc["per_class"]
 
 
 def test_shapes_with_dataloader_batched_fetch():
