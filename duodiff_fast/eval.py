@@ -234,12 +234,12 @@ def _is_images_file(ref) -> bool:
 def reference_images(spec: str, n: int = 5000) -> torch.Tensor:
     """``n`` reference images from a dataset spec (``duodiff_fast.data.get_dataset``).
 
-    ``'shapes'`` / ``'shapes:<size>'`` renders ``Shapes(n, seed=SHAPES_REFERENCE_SEED)``, a held-out
-    seed; other datasets give a fixed random subset of ``n`` items (all of them if fewer).
+    ``'shapes'`` / ``'shapes:<size>'`` (and ``'shapes-bold'``) renders ``Shapes(n, seed=SHAPES_REFERENCE_SEED)``,
+    a held-out seed; other datasets give a fixed random subset of ``n`` items (all of them if fewer).
     """
     from .data import get_dataset
     name = spec.partition(":")[0].strip().lower()
-    if name == "shapes":
+    if name in ("shapes", "shapes-bold"):
         ds = get_dataset(spec, n=n, seed=SHAPES_REFERENCE_SEED)
         idx = torch.arange(n)
     else:

@@ -352,12 +352,22 @@ def test_passthrough_probe_tells_a_perfect_pass_through_from_a_per_patch_normali
 
 def test_label_probe_measures_how_much_the_label_moves_eps():
     from duodiff_fast.eval import label_probe
-    blind = label_probe(_Probe(lambda x, y: x, img_size=32), "shapes-clean", n=40, ts=(200, 800))
+    blind = label_probe(_Probe(lambda x, y: x, img_size=32), "shapes-bold", n=40, ts=(200, 800))
     assert [r["t"] for r in blind] == [200, 800]
     for r in blind:
         assert r["label_effect"] == 0 and r["mse_right"] == r["mse_wrong"] == r["mse_null"] > 0
     reads = label_probe(_Probe(lambda x, y: x * (1 + 0.1 * (y == 10).float().view(-1, 1, 1, 1)), img_size=32),
-                        "shapes-clean", n=40, ts=(500,))
+                        "shapes-bold", n=40, ts=(500,))
     assert reads[0]["label_effect"] == pytest.approx(0.1 / 1.0, rel=1e-4)
     with pytest.raises(ValueError, match="class-conditional"):
         label_probe(_Probe(lambda x, y: x, num_classes=0), "shapes", n=4)
+
+
+def test_reference_images_of_shapes_styles_are_held_out():
+    from duodiff_fast.data import Shapes
+    from duodiff_fast.eval import SHAPES_REFERENCE_SEED, reference_images
+    for spec, style in (("shapes", "textured"), ("shapes-bold", "bold")):
+        ref = reference_images(spec, n=8)
+        held_out = Shapes(8, 32, seed=SHAPES_REFERENCE_SEED, style=style).batch(range(8))[0]
+        train = Shapes(8, 32, seed=0, style=style).batch(range(8))[0]
+        assert torch.equal(ref, held_out) and not torch.equal(ref, train)

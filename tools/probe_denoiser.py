@@ -1,6 +1,6 @@
 """Probe one trained denoiser: does it read its label, does it pass noise through, are its samples classes?
 
-    python tools/probe_denoiser.py --model runs/deep/ema.safetensors --data shapes-clean --samples 100
+    python tools/probe_denoiser.py --model runs/deep/ema.safetensors --data shapes-bold --samples 100
 
 `--model`: an `ema.safetensors` written by `duodiff-fast train` (or the shipped demo files), or a training
 checkpoint `checkpoints/step_*.pt` (its EMA weights; `--raw` for the raw ones), so any step of a run can
