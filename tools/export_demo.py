@@ -1,13 +1,15 @@
 """Copy a trained DuoDiff pair into the package as the demo weights (fp16, spec in the metadata).
 
-    python tools/export_demo.py --deep runs/demo_deep/ema.safetensors --shallow runs/demo_shallow/ema.safetensors
+    python tools/export_demo.py --deep runs/demo_deep/ema.safetensors --shallow runs/demo_shallow/ema.safetensors \
+        [--exits-adadiff runs/demo_exits_adadiff/exits.safetensors --exits-duodiff ...]
 
 The weights are stored in float16 so the pair fits the 10 MiB the package allows; the demo loads them
-back as float32. The exact training commands are in the README ('Demo weights').
+back as float32. The exact training commands are tools/rebuild_demo.sh (README, 'Demo weights').
 """
 import argparse
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -41,12 +43,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deep", required=True)
     p.add_argument("--shallow", required=True)
+    p.add_argument("--exits-adadiff", default=None, help="exits.safetensors of `train-exits --variant adadiff`")
+    p.add_argument("--exits-duodiff", default=None, help="exits.safetensors of `train-exits --variant duodiff`")
     p.add_argument("--out", default=ASSETS)
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     total = export(a.deep, os.path.join(a.out, "demo_deep.safetensors"))
     total += export(a.shallow, os.path.join(a.out, "demo_shallow.safetensors"))
-    print(f"wrote demo_deep/demo_shallow.safetensors to {a.out}: {total / 2**20:.2f} MiB")
+    names = ["demo_deep", "demo_shallow"]
+    for variant, src in (("adadiff", a.exits_adadiff), ("duodiff", a.exits_duodiff)):
+        if src:  # exit heads are small: copied as they are (float32), metadata and all
+            dst = os.path.join(a.out, f"demo_exits_{variant}.safetensors")
+            shutil.copyfile(src, dst)
+            total += os.path.getsize(dst)
+            names.append(f"demo_exits_{variant}")
+    print(f"wrote {', '.join(names)} (.safetensors) to {a.out}: {total / 2**20:.2f} MiB")
     if total > LIMIT:
         print("over the 10 MiB budget for shipped weights", file=sys.stderr)
         return 1
