@@ -123,7 +123,8 @@ def plot(rows, meta, path):
         sp = [r["speedup"] for r in rs]
         for ax, k, scale in ((axes[0], "class_acc", 100.0), (axes[1], "proxy_fid", 1.0)):
             y = [scale * r[k] for r in rs]
-            err = [[scale * (r[k] - r[f"{k}_low"]) for r in rs], [scale * (r[f"{k}_high"] - r[k]) for r in rs]]
+            err = [[scale * max(0.0, r[k] - r[f"{k}_low"]) for r in rs],  # FID's interval can sit above it
+                   [scale * max(0.0, r[f"{k}_high"] - r[k]) for r in rs]]
             ax.errorbar(sp, y, yerr=err, fmt="o-", capsize=3, label=key)
             for r, v in zip(rs, y):
                 ax.annotate(r["mode"].replace("DuoDiff ", "s=").replace(f"{meta['variant']} exit ", "t="),

@@ -216,7 +216,10 @@ def _speed_quality_plot(rows, path):
     for ax, key, label, scale in ((axes[0], "class_acc", "class accuracy (%)", 100.0),
                                   (axes[1], "proxy_fid", "proxy FID (lower is better)", 1.0)):
         y = [scale * r[key] for r in rows]
-        err = [[scale * (r[key] - r[f"{key}_low"]) for r in rows], [scale * (r[f"{key}_high"] - r[key]) for r in rows]]
+        # A bootstrap interval of FID can sit wholly above the estimate (resampling duplicates images, which
+        # raises FID): the bar then starts at the point.
+        err = [[scale * max(0.0, r[key] - r[f"{key}_low"]) for r in rows],
+               [scale * max(0.0, r[f"{key}_high"] - r[key]) for r in rows]]
         ax.errorbar(sp, y, yerr=err, fmt="o-", capsize=3)
         for r, v in zip(rows, y):
             ax.annotate(r["mode"], (r["speedup"], v), fontsize=7, xytext=(3, 3), textcoords="offset points")

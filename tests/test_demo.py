@@ -10,12 +10,14 @@ from duodiff_fast.demo import ASSETS, DEMO_FILES, load_demo_model, load_demo_pai
 
 
 def test_shipped_pair_fits_the_budget_and_loads():
-    total = sum(os.path.getsize(ASSETS / f) for f in DEMO_FILES.values())
+    files = list(DEMO_FILES.values()) + [f"demo_exits_{v}.safetensors" for v in ("adadiff", "duodiff")]
+    total = sum(os.path.getsize(ASSETS / f) for f in files)  # the pair and its exit heads: one budget
     assert total <= 10 * 2**20, f"demo weights are {total / 2**20:.2f} MiB"
     shallow, deep = load_demo_pair()
     assert (shallow.depth_blocks, deep.depth_blocks) == (3, 13)
     assert (shallow.img_size, shallow.in_channels) == (deep.img_size, deep.in_channels) == (32, 3)
-    assert deep.time_convention == "frac1000" and deep.schedule_spec["name"] == "linear"
+    assert deep.time_convention == shallow.time_convention == "int" and deep.schedule_spec["name"] == "linear"
+    assert deep.training_data == "shapes-bold" and deep.pos_embed_std == 1.0
     assert deep.trained_steps > 0 and shallow.trained_steps > 0
     assert next(deep.parameters()).dtype == torch.float32
 
