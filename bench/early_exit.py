@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import sys
-import time
 
 import torch
 
@@ -71,13 +69,9 @@ def run(n=200, steps=25, switches=(0.2, 0.4, 0.6), thresholds=None, variant="ada
             blocks = None
         else:
             smp = EarlyExitSampler(exit_model, knob, mode="batch", **common)
-            chunks, sec, used = [], 0.0, []
-            for i in range(0, n, batch_size):
-                t0 = time.perf_counter()
-                chunks.append(smp.sample(noise=noise[i:i + batch_size], y=labels[i:i + batch_size]).cpu())
-                sec += time.perf_counter() - t0
-                used.append(smp.trace.exits.double().mean().item())  # blocks run per step, this batch
-            images[name] = torch.cat(chunks).clamp(-1, 1)
+            used = []  # blocks run per step, one mean per batch
+            images[name], sec = timed_samples(smp, noise, labels, batch_size,
+                                              lambda s: used.append(s.trace.exits.double().mean().item()))
             blocks = sum(used) / len(used)
             theory = exit_model.num_blocks / blocks
         rows.append(dict(mode=name, method="DuoDiff" if method == "duodiff" else f"early exit ({variant})",

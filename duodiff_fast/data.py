@@ -194,6 +194,7 @@ _PARAMS = ("cx", "cy", "size", "rot", "fg_h", "fg_s", "fg_v", "bg_dh", "bg_s", "
            "grain", "tex_amt", "edge", "tile_a", "tile_b", "shift_a", "shift_b")
 _TEX_K = 6  # cosine basis functions per axis for the background texture (up to 2.5 cycles per image)
 SHAPE_STYLES = ("textured", "bold")
+SHAPES_SPECS = {"shapes": "textured", "shapes-bold": "bold"}  # dataset-spec name -> Shapes style
 
 
 class Shapes(_BatchedDataset):
@@ -806,15 +807,14 @@ def get_dataset(spec: str, **kwargs):
     """
     name, _, arg = spec.partition(":")
     name = name.strip().lower()
-    if name in ("shapes", "shapes-bold"):
+    if name in SHAPES_SPECS:
         if arg:
             try:
                 kwargs.setdefault("img_size", int(arg))
             except ValueError:
                 raise ValueError(f"dataset spec {spec!r}: expected '{name}:<img_size>' "
                                  "with an integer size") from None
-        if name == "shapes-bold":
-            kwargs.setdefault("style", "bold")
+        kwargs.setdefault("style", SHAPES_SPECS[name])
         return Shapes(**kwargs)
     if name in _PATH_LOADERS and not arg.strip():
         raise ValueError(f"dataset spec {spec!r}: expected '{name}:<path>'; specs: {_SPECS}")

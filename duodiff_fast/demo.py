@@ -18,8 +18,9 @@ from ._validate import argtype_float, argtype_int, check_float, check_int
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_FILES = {"deep": "demo_deep.safetensors", "shallow": "demo_shallow.safetensors"}
-# Classifier-free guidance of the demo (diffusers' convention: 1 = none). Measured on the shipped deep model
-# (50 samples, DDIM 25): class accuracy 18% without guidance, 38% at 3, 36% at 5 (README, 'The demo').
+# Classifier-free guidance of the demo (diffusers' convention: 1 = none). Measured on the first, 4,000-step
+# sitting of the shipped deep model (50 samples, DDIM 25): class accuracy 18% without guidance, 38% at 3,
+# 36% at 5 (README, 'The demo').
 DEMO_CFG_SCALE = 3.0
 DEMO_N = 200  # 20 per class; with guidance (two forwards per step) this keeps the demo within 3 CPU minutes
 
@@ -119,13 +120,16 @@ def run_demo(out="out/demo", n=DEMO_N, steps=25, switches=(0.2, 0.4, 0.6), solve
     return rows
 
 
-def timed_samples(smp, noise, labels, batch_size):
-    """All of `noise` sampled by `smp` in batches: (images clamped to [-1, 1] on the CPU, seconds of sampling)."""
+def timed_samples(smp, noise, labels, batch_size, after_batch=None):
+    """All of `noise` sampled by `smp` in batches: (images clamped to [-1, 1] on the CPU, seconds of sampling).
+    `after_batch(smp)`, when given, runs after each batch outside the clock (to read `smp.trace`)."""
     chunks, seconds = [], 0.0
     for i in range(0, noise.shape[0], batch_size):
         t0 = time.perf_counter()
         chunks.append(smp.sample(noise=noise[i:i + batch_size], y=labels[i:i + batch_size]).cpu())
         seconds += time.perf_counter() - t0
+        if after_batch is not None:
+            after_batch(smp)
     return torch.cat(chunks).clamp(-1, 1), seconds
 
 

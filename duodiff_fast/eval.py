@@ -237,9 +237,9 @@ def reference_images(spec: str, n: int = 5000) -> torch.Tensor:
     ``'shapes'`` / ``'shapes:<size>'`` (and ``'shapes-bold'``) renders ``Shapes(n, seed=SHAPES_REFERENCE_SEED)``,
     a held-out seed; other datasets give a fixed random subset of ``n`` items (all of them if fewer).
     """
-    from .data import get_dataset
+    from .data import SHAPES_SPECS, get_dataset
     name = spec.partition(":")[0].strip().lower()
-    if name in ("shapes", "shapes-bold"):
+    if name in SHAPES_SPECS:
         ds = get_dataset(spec, n=n, seed=SHAPES_REFERENCE_SEED)
         idx = torch.arange(n)
     else:
@@ -396,10 +396,8 @@ def paired_fid_difference(features_a, features_b, ref_mu, ref_sigma, n_boot: int
 # Denoiser probes: does a model read its label, can it pass noise through?
 # -----------------------------------------------------------------------------
 
-def _model_time(model, t: int, n: int):
-    from .sampling import get_schedule
-    sched = get_schedule(model.schedule_spec)
-    return sched, sched.model_time(torch.full((n,), int(t)), model.time_convention).float()
+def _model_time(model, sched, t: int, n: int):
+    return sched.model_time(torch.full((n,), int(t)), model.time_convention).float()
 
 
 @torch.no_grad()
@@ -411,13 +409,14 @@ def label_probe(model, data: str = "shapes", n: int = 200, ts=(100, 300, 500, 70
     A class-conditional model that uses its label has ``mse_right < mse_wrong`` where the class is still
     open (mid t); one whose ``label_effect`` is ~0.003 ignores it, and its samples are classes by chance.
     Needs a discrete-schedule, class-conditional model with a null class (the demo pair)."""
-    from .data import get_dataset
+    from .data import SHAPES_SPECS, get_dataset
+    from .sampling import get_schedule
     if not getattr(model, "num_classes", 0) or getattr(model, "null_class", None) is None:
         raise ValueError("label_probe: the model must be class-conditional with a null class")
     was = model.training
     model.eval()
     ds = get_dataset(data, n=n, seed=SHAPES_REFERENCE_SEED + 1, img_size=model.img_size) \
-        if data.split(":")[0].strip().lower().startswith("shapes") else get_dataset(data)
+        if data.partition(":")[0].strip().lower() in SHAPES_SPECS else get_dataset(data)
     n = min(n, len(ds))
     x0, y = ds.batch(range(n))
     x0 = x0.to(next(model.parameters()).device)
@@ -426,13 +425,13 @@ def label_probe(model, data: str = "shapes", n: int = 200, ts=(100, 300, 500, 70
     K = int(ds.num_classes)
     wrong = (y + torch.randint(1, max(K, 2), (n,), generator=g).to(y.device)) % max(K, 2)
     null = torch.full_like(y, model.null_class)
+    sched = get_schedule(model.schedule_spec)
     rows = []
     for t in ts:
-        sched, tm = _model_time(model, t, n)
         ab = float(sched.alphas_cumprod[int(t)])
         eps = torch.randn(x0.shape, generator=g).to(x0.device)
         xt = ab ** 0.5 * x0 + (1 - ab) ** 0.5 * eps
-        tm = tm.to(x0.device)
+        tm = _model_time(model, sched, t, n).to(x0.device)
         e_r, e_w, e_n = (model(xt, tm, lab)[:, :x0.shape[1]] for lab in (y, wrong, null))
         rows.append(dict(t=int(t), mse_right=float((e_r - eps).square().mean()),
                          mse_wrong=float((e_w - eps).square().mean()),
@@ -460,8 +459,8 @@ def passthrough_probe(model, t: int = 999, n: int = 64, patch: int | None = None
     x = torch.randn(n, C, S, S, generator=g).to(dev)
     nc = int(getattr(model, "num_classes", 0) or 0)
     y = torch.randint(0, max(1, nc - 1), (n,), generator=g).to(dev) if nc else None
-    _, tm = _model_time(model, t, n)
-    tm = tm.to(dev)
+    from .sampling import get_schedule
+    tm = _model_time(model, get_schedule(model.schedule_spec), t, n).to(dev)
     e = (model(x, tm, y) if y is not None else model(x, tm))[:, :C]
     model.train(was)
 

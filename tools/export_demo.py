@@ -26,13 +26,12 @@ def export(src, dst):
         meta = dict(f.metadata() or {})
         if "spec" not in meta:
             raise SystemExit(f"{src}: no 'spec' metadata; expected the ema.safetensors written by `duodiff-fast train`")
+        sd = {k: f.get_tensor(k).to(torch.float16).contiguous() for k in f.keys()}
     if not meta.get("data"):  # older exports: the run's config.json next to the file names the dataset
         cfg = os.path.join(os.path.dirname(os.path.abspath(src)), "config.json")
         if os.path.isfile(cfg):
             with open(cfg) as fh:
                 meta["data"] = str(json.load(fh).get("data", ""))
-    with safe_open(src, "pt") as f:
-        sd = {k: f.get_tensor(k).to(torch.float16).contiguous() for k in f.keys()}
     meta["stored_dtype"] = "float16"
     meta["source"] = os.path.relpath(os.path.abspath(src), ROOT) if src.startswith(ROOT) else os.path.basename(src)
     save_file(sd, dst, metadata=meta)
