@@ -100,6 +100,7 @@ def cmd_calibrate(args):
 
 
 def add_cli(sub):
+    from .sampling.early_exit import DEFAULT_TOLERANCE_DB
     p = sub.add_parser("profile", help="phase-transition profile of an early-exit model: exits.json + PNG")
     p.add_argument("--demo", action="store_true", help="the shipped demo deep model and its exit heads")
     p.add_argument("--backbone", default=None, help="preset or JSON spec of the deep model")
@@ -123,8 +124,9 @@ def add_cli(sub):
     c.add_argument("--shallow-ckpt", default=None)
     c.add_argument("--exits", default=None, help="exit heads of the deep model: also report the profile's switch")
     c.add_argument("--threshold", type=argtype_float(0.0, 1.0), default=0.1, help="for the profile's suggestion")
-    c.add_argument("--tolerance-db", type=argtype_float(0.0), default=25.0,
-                   help="PSNR vs deep-only the chosen switch must keep (default 25 dB; see README)")
+    c.add_argument("--tolerance-db", type=argtype_float(0.0), default=DEFAULT_TOLERANCE_DB,
+                   help=f"PSNR vs deep-only the chosen switch must keep (default {DEFAULT_TOLERANCE_DB:g} dB; "
+                        "see README)")
     c.add_argument("--n", type=argtype_int(1), default=64)
     c.add_argument("--steps", type=argtype_int(1), default=25)
     c.add_argument("--clip-sample", type=argtype_float(0.0), default=1.0)

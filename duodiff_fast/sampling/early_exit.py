@@ -213,7 +213,13 @@ def suggest_switch_from_profile(profile: dict, shallow_depth: int = 3, threshold
 # Switch calibration
 # --------------------------------------------------------------------------------------------------------
 
-def calibrate_switch(shallow, deep, *, switches=None, n=32, steps=25, solver="ddim", tolerance_db=20.0, seed=0,
+# The one default fidelity tolerance of calibrate_switch and `duodiff-fast calibrate` (README, "Choosing a
+# switch", for the measurement that set it).
+DEFAULT_TOLERANCE_DB = 20.0
+
+
+def calibrate_switch(shallow, deep, *, switches=None, n=32, steps=25, solver="ddim",
+                     tolerance_db=DEFAULT_TOLERANCE_DB, seed=0,
                      profile=None, out=None, **sampler_kw) -> dict:
     """Sweep DuoDiff switch points and pick the largest shallow share whose samples stay within a fidelity
     tolerance of deep-only sampling from the same noise.
