@@ -35,20 +35,22 @@ def _exit_model(args):
     if args.demo:
         from .demo import load_demo_pair
         _, deep = load_demo_pair(args.device or "cpu")
-        path = args.exits or _demo_exit_path(args.variant)
-        return load_exit_model(deep, path), deep
+        path = args.exits or _demo_exit_path(args.variant or "duodiff")
+        return load_exit_model(deep, path, variant=args.variant), deep
     if not (args.backbone and args.backbone_ckpt and args.exits):
         raise ValueError("profile: pass --demo, or --backbone, --backbone-ckpt and --exits")
     from .models import load_checkpoint
     from .models.configs import load_spec
     deep = load_checkpoint(args.backbone_ckpt, load_spec(args.backbone)).to(args.device or "cpu").eval()
-    return load_exit_model(deep, args.exits), deep
+    return load_exit_model(deep, args.exits, variant=args.variant), deep
 
 
 def cmd_profile(args):
-    from .sampling.early_exit import profile_exits
+    from .sampling.early_exit import DEFAULT_THRESHOLDS, profile_exits
     _io.check_writable_dir(args.out, "--out")
     model, _ = _exit_model(args)
+    if args.thresholds is None:  # the heads' own variant decides what a threshold means
+        args.thresholds = list(DEFAULT_THRESHOLDS[model.variant])
     res = profile_exits(model, args.thresholds, n=args.n, steps=args.steps, seed=args.seed, out=args.out,
                         progress=True)
     for p in res["profiles"]:
@@ -57,6 +59,11 @@ def cmd_profile(args):
               f"last (depth {res['depth']}; {res['rule']})")
     print(f"wrote {os.path.join(args.out, 'exits.json')} and exits.png")
     return 0
+
+
+def _threshold(args, exit_model):
+    from .sampling.early_exit import DEFAULT_THRESHOLDS
+    return args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[exit_model.variant][0]
 
 
 def cmd_calibrate(args):
@@ -68,8 +75,8 @@ def cmd_calibrate(args):
         shallow, deep = load_demo_pair(args.device or "cpu")
         if _demo_exit_path("duodiff").is_file():
             from .train_exits import load_exit_model
-            profile = profile_exits(load_exit_model(deep, _demo_exit_path("duodiff")), [args.threshold],
-                                    n=min(args.n, 32), steps=args.steps, seed=args.seed)
+            em = load_exit_model(deep, _demo_exit_path("duodiff"))
+            profile = profile_exits(em, [_threshold(args, em)], n=min(args.n, 32), steps=args.steps, seed=args.seed)
     else:
         if not (args.deep and args.deep_ckpt and args.shallow_ckpt):
             raise ValueError("calibrate: pass --demo, or --deep, --deep-ckpt and --shallow-ckpt")
@@ -83,9 +90,9 @@ def cmd_calibrate(args):
         shallow = build_model(shallow_spec, args.shallow_ckpt, device, "fp32")
         if args.exits:
             from .train_exits import load_exit_model
-            profile = profile_exits(load_exit_model(deep, args.exits), [args.threshold], n=min(args.n, 32),
-                                    steps=args.steps, seed=args.seed)
-    kw = {"clip_sample": 1.0} if args.clip_sample else {}
+            em = load_exit_model(deep, args.exits)
+            profile = profile_exits(em, [_threshold(args, em)], n=min(args.n, 32), steps=args.steps, seed=args.seed)
+    kw = {"clip_sample": args.clip_sample} if args.clip_sample else {}
     res = calibrate_switch(shallow, deep, n=args.n, steps=args.steps, tolerance_db=args.tolerance_db,
                            seed=args.seed, profile=profile, out=args.out, **kw)
     for r in res["rows"]:
@@ -106,15 +113,16 @@ def add_cli(sub):
     p.add_argument("--backbone", default=None, help="preset or JSON spec of the deep model")
     p.add_argument("--backbone-ckpt", default=None)
     p.add_argument("--exits", default=None, help="exits.safetensors from `duodiff-fast train-exits`")
-    p.add_argument("--variant", default="duodiff", choices=["duodiff", "adadiff"], help="(--demo) which heads")
+    p.add_argument("--variant", default=None, choices=["duodiff", "adadiff"],
+                   help="which heads (--demo: default duodiff; else the --exits file says, and a contradiction is an error)")
     p.add_argument("--thresholds", type=_floats, default=None,
-                   help="comma list in [0, 1] (default: 0.05,0.1 for duodiff, 0.9,0.95 for adadiff)")
+                   help=f"comma list in [0, 1] (default, by the heads' variant: {_default_thresholds_text()})")
     p.add_argument("--n", type=argtype_int(1), default=64)
     p.add_argument("--steps", type=argtype_int(1), default=25)
     p.add_argument("--seed", type=argtype_int(0), default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="out/profile")
-    p.set_defaults(func=_with_default_thresholds(cmd_profile))
+    p.set_defaults(func=cmd_profile)
 
     c = sub.add_parser("calibrate", help="pick a DuoDiff switch: sweep, fidelity vs deep-only, speed-up, PNG")
     c.add_argument("--demo", action="store_true", help="the shipped demo pair")
@@ -123,7 +131,8 @@ def add_cli(sub):
     c.add_argument("--shallow", default=None, help="preset or JSON spec (default: the deep spec with 3 blocks)")
     c.add_argument("--shallow-ckpt", default=None)
     c.add_argument("--exits", default=None, help="exit heads of the deep model: also report the profile's switch")
-    c.add_argument("--threshold", type=argtype_float(0.0, 1.0), default=0.1, help="for the profile's suggestion")
+    c.add_argument("--threshold", type=argtype_float(0.0, 1.0), default=None,
+                   help="for the profile's suggestion (default: the first of the heads' variant's profile defaults)")
     c.add_argument("--tolerance-db", type=argtype_float(0.0), default=DEFAULT_TOLERANCE_DB,
                    help=f"PSNR vs deep-only the chosen switch must keep (default {DEFAULT_TOLERANCE_DB:g} dB; "
                         "see README)")
@@ -136,9 +145,6 @@ def add_cli(sub):
     c.set_defaults(func=cmd_calibrate)
 
 
-def _with_default_thresholds(fn):
-    def run(args):
-        if args.thresholds is None:
-            args.thresholds = [0.05, 0.1] if args.variant == "duodiff" else [0.9, 0.95]
-        return fn(args)
-    return run
+def _default_thresholds_text():
+    from .sampling.early_exit import DEFAULT_THRESHOLDS
+    return "; ".join(f"{v}: {','.join(f'{t:g}' for t in ts)}" for v, ts in DEFAULT_THRESHOLDS.items())

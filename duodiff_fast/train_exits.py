@@ -5,12 +5,14 @@ of the chosen variant ('duodiff' probes + per-exit heads, or 'adadiff' confidenc
 is trained with that variant's losses (models/exits.py) on noised training images, with the same noise,
 timesteps and label dropout as `duodiff-fast train`. A run folder holds `checkpoints/step_*.pt` (exit
 parameters, optimizer, scheduler, step, RNG state: resume is exact), `exits.safetensors` (the exit
-parameters, with the variant and the backbone spec in the metadata), `config.json` and `log.jsonl`.
-Like `train`, it refuses a folder that already holds a run unless --resume or --overwrite.
+parameters, with the variant, the backbone spec and the backbone's fingerprint in the metadata),
+`config.json` and `log.jsonl`. Like `train`, it refuses a folder that already holds a run unless --resume or
+--overwrite, and a resume refuses another backbone, variant or dataset than the run's.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -25,7 +27,7 @@ from .train import (CKPT_DIR, CKPT_FORMAT, WarmupCosine, _CKPT_NAME, _Batch, _pr
                     _rng_state, _set_rng_state, _step_seed, _truncate_log, list_checkpoints,
                     load_intact_checkpoint, resolve_spec, run_contents, _describe_run)
 
-__all__ = ["ExitTrainConfig", "train_exits", "load_exit_model", "add_cli"]
+__all__ = ["ExitTrainConfig", "train_exits", "load_exit_model", "backbone_fingerprint", "add_cli"]
 
 EXPORT = "exits.safetensors"
 
@@ -94,6 +96,21 @@ def _backbone(cfg, device):
     return load_checkpoint(cfg.backbone_ckpt, spec).to(device).eval()
 
 
+def backbone_fingerprint(model) -> str:
+    """A short hash of a backbone's weights, rounded to float16 first, so the float32 EMA a head was trained
+    on and its float16 export (the shipped demo weights) agree, and any retrained model differs."""
+    h = hashlib.sha1()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        t = v.detach().to("cpu")
+        h.update((t.to(torch.float16) if t.is_floating_point() else t).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# Settings a resumed run must share with the run it continues (the rest may change, e.g. stop_at).
+_RESUME_KEYS = ("variant", "backbone", "backbone_ckpt", "data")
+
+
 def train_exits(cfg: ExitTrainConfig) -> dict:
     """Train (or resume) exit heads; returns dict(out, checkpoint, export, step, final_loss)."""
     from .data import get_dataset
@@ -139,6 +156,16 @@ def train_exits(cfg: ExitTrainConfig) -> dict:
             if ck.get("variant") != cfg.variant:
                 raise ArgumentError(f"--resume {resume_path}: that run trained {ck.get('variant')!r} exits, "
                                     f"not {cfg.variant!r}")
+            old = ck.get("config") or {}
+            diff = [k for k in _RESUME_KEYS if k in old and old[k] != getattr(cfg, k)]
+            if diff:
+                raise ArgumentError(f"--resume {resume_path}: that run trained with other "
+                                    + ", ".join(f"{k} ({old[k]!r}, now {getattr(cfg, k)!r})" for k in diff)
+                                    + "; resume with the same settings, or start a new --out")
+            fp = ck.get("backbone_fingerprint")
+            if fp is not None and fp != backbone_fingerprint(backbone):
+                raise ArgumentError(f"--resume {resume_path}: the backbone's weights changed since that run "
+                                    "(fingerprint differs); resume with the same --backbone-ckpt, or start a new --out")
             model.load_exit_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
@@ -153,18 +180,19 @@ def train_exits(cfg: ExitTrainConfig) -> dict:
     if resume_path is not None:
         _truncate_log(log_path, start)
     export = os.path.join(out, EXPORT)
+    fingerprint = backbone_fingerprint(backbone)
 
     def save(step):
         path = os.path.join(out, CKPT_DIR, CKPT_FORMAT.format(step=step))
         _io.torch_save(dict(step=step, model=model.exit_state_dict(), optimizer=opt.state_dict(),
                             scheduler=sched.state_dict(), rng=_rng_state(device), variant=cfg.variant,
-                            config=cfg.to_dict()), path)
+                            config=cfg.to_dict(), backbone_fingerprint=fingerprint), path)
         if path not in own:
             own.append(path)
         _prune(own, cfg.keep_checkpoints)
         meta = {"format": "duodiff-fast-exits", "variant": cfg.variant, "step": step,
                 "backbone": json.dumps(cfg.backbone) if isinstance(cfg.backbone, dict) else str(cfg.backbone),
-                "exits": json.dumps(model.exits)}
+                "exits": json.dumps(model.exits), "backbone_fingerprint": fingerprint}
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.exit_state_dict().items()}
         _io.save_safetensors_dict(sd, export, metadata=meta)
         return path
@@ -213,7 +241,9 @@ def train_exits(cfg: ExitTrainConfig) -> dict:
 
 def load_exit_model(backbone, path, variant=None):
     """An EarlyExitModel on `backbone` with the exit parameters of `path` (exits.safetensors), loaded
-    strictly: the variant comes from the file's metadata."""
+    strictly: the variant comes from the file's metadata (a `variant` that contradicts it is an error).
+    Heads trained on other backbone weights than `backbone`'s (the fingerprint in the file differs) load
+    with a warning: their scores were fitted to another model's features."""
     from safetensors import safe_open
 
     from .models.exits import EarlyExitModel
@@ -229,6 +259,13 @@ def load_exit_model(backbone, path, variant=None):
     v = variant or meta.get("variant")
     if v is None:
         raise ValueError(f"{path}: no 'variant' in its metadata; pass variant='duodiff' or 'adadiff'")
+    if variant is not None and meta.get("variant") not in (None, variant):
+        raise ValueError(f"{path} holds {meta['variant']!r} exit heads, not {variant!r}")
+    fp = meta.get("backbone_fingerprint")
+    if fp is not None and fp != backbone_fingerprint(backbone):
+        warnings.warn(f"{path}: these exit heads were trained on other backbone weights (fingerprint {fp}, this "
+                      f"backbone {backbone_fingerprint(backbone)}); their exit scores may not fit it: retrain them "
+                      "with `duodiff-fast train-exits` on this model", stacklevel=2)
     p = next(backbone.parameters())
     model = EarlyExitModel(backbone, v).to(p.device)
     model.load_exit_state_dict({k: t.to(p.device) for k, t in sd.items()}, strict=True)

@@ -31,7 +31,8 @@ from .._validate import ArgumentError, check_choice, check_float, check_int
 from ..models.exits import EarlyExitModel, passes
 from .duo import DuoSampler, SampleTrace
 
-__all__ = ["EarlyExitSampler", "profile_exits", "calibrate_switch", "suggest_switch_from_profile"]
+__all__ = ["EarlyExitSampler", "profile_exits", "calibrate_switch", "suggest_switch_from_profile",
+           "DEFAULT_THRESHOLDS", "DEFAULT_TOLERANCE_DB"]
 
 
 class EarlyExitSampler(DuoSampler):
@@ -153,6 +154,8 @@ def profile_exits(model: EarlyExitModel, thresholds=(0.05, 0.1), *, n=64, steps=
     Returns {'depth', 'variant', 'rule', 'profiles': [{'threshold', 'timesteps', 'mean_exit', 'std_exit',
     'quantiles'}]}; with `out`, writes `exits.json` and `exits.png` there (atomically)."""
     n = check_int(n, "n", minimum=1, where="profile_exits")
+    if isinstance(thresholds, (int, float)):
+        thresholds = [thresholds]
     thresholds = [check_float(t, "threshold", minimum=0.0, maximum=1.0, where="profile_exits") for t in thresholds]
     if not thresholds:
         raise ArgumentError("profile_exits: give at least one threshold")
@@ -213,6 +216,10 @@ def suggest_switch_from_profile(profile: dict, shallow_depth: int = 3, threshold
 # Switch calibration
 # --------------------------------------------------------------------------------------------------------
 
+# Default thresholds of `duodiff-fast profile` per exit variant, the first also what `calibrate` profiles for its
+# suggestion and the flat fields of exits.json describe (README, "Measured on the shipped demo pair").
+DEFAULT_THRESHOLDS = {"duodiff": (0.25, 0.35), "adadiff": (0.6, 0.7)}
+
 # The one default fidelity tolerance of calibrate_switch and `duodiff-fast calibrate` (README, "Choosing a
 # switch", for the measurement that set it).
 DEFAULT_TOLERANCE_DB = 20.0
@@ -235,7 +242,10 @@ def calibrate_switch(shallow, deep, *, switches=None, n=32, steps=25, solver="dd
                        for s in switches} | {0.0})
     tolerance_db = check_float(tolerance_db, "tolerance_db", minimum=0.0, where="calibrate_switch")
     n = check_int(n, "n", minimum=1, where="calibrate_switch")
-    ref = DuoSampler(shallow, deep, solver=solver, steps=steps, switch=0.0, **sampler_kw)
+    try:
+        ref = DuoSampler(shallow, deep, solver=solver, steps=steps, switch=0.0, **sampler_kw)
+    except ArgumentError as e:  # a pair that cannot share a schedule: say who was asked
+        raise ArgumentError(f"calibrate_switch: {e}") from None
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, ref.in_channels, ref.img_size, ref.img_size, generator=g)
     y = torch.arange(n) % ref.label_range() if ref.num_classes else None
