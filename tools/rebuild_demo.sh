@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Rebuild the shipped demo weights from nothing, in ./runs (the 2-core CPU machine; minutes per command in
-# the README's 'Demo weights' section): the deep U-ViT in three sittings (two on shapes-bold: 4,000 steps,
-# then a warm restart stopped at 2,500 of a 3,500-step schedule; then 4,000 steps on shapes-plain), its
-# separately trained 3-block companion warm-started from the finished deep model, early-exit heads of both
-# published variants on the frozen deep model, then the copy into duodiff_fast/assets.
+# the README's 'Demo weights' section). The deep U-ViT in four sittings: two on shapes-bold (4,000 steps,
+# then a warm restart stopped at 2,500 of a 3,500-step schedule), two on shapes-plain (4,000 steps, then a
+# 2,000-step warm restart at a lower rate); its separately trained 3-block companion, warm-started from the
+# third sitting; early-exit heads of both published variants on the frozen final deep model; then the copy
+# into duodiff_fast/assets.
 set -euo pipefail
 RECIPE="--batch-size 64 --weight-decay 0 --betas 0.9,0.999 --ema-decay 0.999 --min-snr-gamma 5 --ckpt-every 250"
 duodiff-fast train --model uvit_shapes32_demo --data shapes-bold --steps 4000 --lr 1e-3 --warmup-steps 100 \
@@ -12,7 +13,13 @@ duodiff-fast train --model uvit_shapes32_demo --data shapes-bold --steps 3500 --
   --warmup-steps 50 --seed 1 $RECIPE --init-from-deep runs/demo_deep/ema.safetensors --out runs/demo_deep2
 duodiff-fast train --model uvit_shapes32_demo --data shapes-plain --steps 4000 --lr 5e-4 --warmup-steps 50 \
   --seed 2 $RECIPE --init-from-deep runs/demo_deep2/ema.safetensors --out runs/demo_deep3
-SHALLOW_PLACEHOLDER
-EXITS_PLACEHOLDER
-python tools/export_demo.py --deep runs/demo_deep3/ema.safetensors --shallow runs/demo_shallow/ema.safetensors \
+duodiff-fast train --model uvit_shapes32_demo --data shapes-plain --steps 2000 --lr 3e-4 --warmup-steps 50 \
+  --seed 3 $RECIPE --init-from-deep runs/demo_deep3/ema.safetensors --out runs/demo_deep4
+duodiff-fast train --model uvit_shapes32_demo_shallow --data shapes-plain --steps 1500 --lr 1e-3 \
+  --warmup-steps 50 --seed 0 $RECIPE --init-from-deep runs/demo_deep3/ema.safetensors --out runs/demo_shallow
+for v in adadiff duodiff; do
+  duodiff-fast train-exits --backbone runs/demo_deep4/model.json --backbone-ckpt runs/demo_deep4/ema.safetensors \
+    --data shapes-plain --variant $v --steps 1000 --out runs/demo_exits_$v
+done
+python tools/export_demo.py --deep runs/demo_deep4/ema.safetensors --shallow runs/demo_shallow/ema.safetensors \
   --exits-adadiff runs/demo_exits_adadiff/exits.safetensors --exits-duodiff runs/demo_exits_duodiff/exits.safetensors
