@@ -19,7 +19,7 @@ duodiff-fast train --model uvit_shapes32_demo_shallow --data shapes-plain --step
   --warmup-steps 50 --seed 0 $RECIPE --init-from-deep runs/demo_deep3/ema.safetensors --out runs/demo_shallow
 for v in adadiff duodiff; do
   duodiff-fast train-exits --backbone runs/demo_deep4/model.json --backbone-ckpt runs/demo_deep4/ema.safetensors \
-    --data shapes-plain --variant $v --steps 1000 --out runs/demo_exits_$v
+    --data shapes-plain --variant $v --steps $([ $v = adadiff ] && echo 1000 || echo 600) --out runs/demo_exits_$v
 done
 python tools/export_demo.py --deep runs/demo_deep4/ema.safetensors --shallow runs/demo_shallow/ema.safetensors \
   --exits-adadiff runs/demo_exits_adadiff/exits.safetensors --exits-duodiff runs/demo_exits_duodiff/exits.safetensors
