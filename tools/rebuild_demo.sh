@@ -3,7 +3,7 @@
 # the README's 'Demo weights' section). The deep U-ViT in four sittings: two on shapes-bold (4,000 steps,
 # then a warm restart stopped at 2,500 of a 3,500-step schedule), two on shapes-plain (4,000 steps, then a
 # 2,000-step warm restart at a lower rate); its separately trained 3-block companion, warm-started from the
-# third sitting; early-exit heads of both published variants on the frozen final deep model; then the copy
+# third sitting, in two sittings (1,500 + 3,000 steps); early-exit heads of both published variants on the frozen final deep model; then the copy
 # into duodiff_fast/assets.
 set -euo pipefail
 RECIPE="--batch-size 64 --weight-decay 0 --betas 0.9,0.999 --ema-decay 0.999 --min-snr-gamma 5 --ckpt-every 250"
@@ -17,9 +17,11 @@ duodiff-fast train --model uvit_shapes32_demo --data shapes-plain --steps 2000 -
   --seed 3 $RECIPE --init-from-deep runs/demo_deep3/ema.safetensors --out runs/demo_deep4
 duodiff-fast train --model uvit_shapes32_demo_shallow --data shapes-plain --steps 1500 --lr 1e-3 \
   --warmup-steps 50 --seed 0 $RECIPE --init-from-deep runs/demo_deep3/ema.safetensors --out runs/demo_shallow
+duodiff-fast train --model uvit_shapes32_demo_shallow --data shapes-plain --steps 3000 --lr 5e-4 \
+  --warmup-steps 50 --seed 4 $RECIPE --init-from-deep runs/demo_shallow/ema.safetensors --out runs/demo_shallow2
 for v in adadiff duodiff; do
   duodiff-fast train-exits --backbone runs/demo_deep4/model.json --backbone-ckpt runs/demo_deep4/ema.safetensors \
     --data shapes-plain --variant $v --steps $([ $v = adadiff ] && echo 1000 || echo 600) --out runs/demo_exits_$v
 done
-python tools/export_demo.py --deep runs/demo_deep4/ema.safetensors --shallow runs/demo_shallow/ema.safetensors \
+python tools/export_demo.py --deep runs/demo_deep4/ema.safetensors --shallow runs/demo_shallow2/ema.safetensors \
   --exits-adadiff runs/demo_exits_adadiff/exits.safetensors --exits-duodiff runs/demo_exits_duodiff/exits.safetensors
