@@ -12,8 +12,8 @@ batched fetch that ``DataLoader`` uses when present), which avoid a Python call 
 
 Sources:
 - ``Shapes``: procedurally drawn coloured shapes on textured backgrounds, 10 classes, any size,
-  deterministic by seed, nothing downloaded; ``style='bold'`` (spec ``shapes-bold``, the demo pair's data)
-  draws larger, more central shapes in a hue set by the class on plain gradient backgrounds.
+  deterministic by seed, nothing downloaded; ``style='bold'`` and ``'plain'`` (specs ``shapes-bold``,
+  ``shapes-plain``: the demo pair's data) draw larger, more central shapes in a hue set by the class on plain gradient backgrounds.
 - ``cifar10``: the python pickle batches of ``cifar-10-python.tar.gz`` (folder or the tarball).
 - ``image_folder``: one subfolder per class (or loose images: unconditional), read with Pillow.
 - ``npz_images``: arrays in an ``.npz`` (uint8 NHWC or float NCHW in [-1, 1]).

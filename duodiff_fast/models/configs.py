@@ -100,7 +100,8 @@ def _dit(size, patch_size, input_size=32):
 _DUODIFF = [
     ("duodiff_cifar10_small", _uvit(32, 2, 512, 12, 8, -1), "frac1000",
      "U-ViT-S/2 as DuoDiff trains it on CIFAR-10: linear betas 1e-4..0.02, net fed t/1000"),
-    # The demo pair shipped in duodiff_fast/assets (trained on the built-in Shapes data, style 'bold', README):
+    # The demo pair shipped in duodiff_fast/assets (trained on the built-in Shapes data, styles 'bold' then
+    # 'plain', README):
     # 10 classes + label 10 as the null class for guidance, 4x4 patches -> 64 tokens + 2. Fed integer t
     # (fed t / 1000, a 128-wide sinusoidal embedding moves little over the whole range) and with a
     # std-1 position table (UViT's pos_embed_std: lets the head pass each patch's noise norm through).
