@@ -82,6 +82,9 @@ class TrainConfig:
     ema_warmup: bool = True                   # decay_s = min(ema_decay, (1 + s) / (10 + s))
     label_dropout: float = 0.1                # probability of the null label (CFG); needs a null class
     min_snr_gamma: float | None = None        # Min-SNR-gamma loss weights min(SNR, gamma) / SNR (None: plain MSE)
+    t_range: tuple | None = None              # (lo, hi[, p]) fractions of the diffusion time: with probability
+                                              # p (default 1) draw t from [lo, hi] instead of the whole range
+                                              # (a shallow companion trained on the noisy steps it samples)
     schedule: str | dict | None = None        # None: the spec's discrete schedule, else DuoDiff 'linear'
     time_convention: str | None = None        # None: the model's, when it fits the schedule
     precision: str = "auto"                   # 'auto' (bf16 autocast on CUDA, fp32 on CPU) | 'bf16' | 'fp32'
@@ -131,6 +134,8 @@ class TrainConfig:
             if not self.min_snr_gamma > 0:
                 raise ArgumentError(f"{w}: min_snr_gamma must be > 0 (or None for plain MSE), "
                                     f"got {self.min_snr_gamma:g}")
+        if self.t_range is not None:
+            self.t_range = check_t_range(self.t_range, where=w)
         v = cf(self.label_dropout, "label_dropout", minimum=0.0, maximum=1.0, where=w)
         if v >= 1.0:
             raise ArgumentError(f"{w}: label_dropout must be < 1 (1 would never show a label), got {v:g}")
@@ -153,6 +158,27 @@ class TrainConfig:
         if not isinstance(self.data_kwargs, dict):
             raise ArgumentError(f"{w}: data_kwargs must be a dict, got {describe(self.data_kwargs)}")
         return self
+
+
+def check_t_range(value, where="train"):
+    """(lo, hi) or (lo, hi, p) with 0 <= lo < hi <= 1 and 0 < p <= 1, as a tuple of floats with p filled in;
+    a string 'lo,hi[,p]' (the command line's form) is parsed."""
+    if isinstance(value, str):
+        try:
+            value = [float(v) for v in value.split(",")]
+        except ValueError:
+            raise ArgumentError(f"{where}: t_range must be 'lo,hi' or 'lo,hi,p' (numbers), got {value!r}") from None
+    if isinstance(value, (bytes, dict)) or not hasattr(value, "__len__") or len(value) not in (2, 3):
+        raise ArgumentError(f"{where}: t_range must be (lo, hi) or (lo, hi, p), fractions of the diffusion time, "
+                            f"got {describe(value)}")
+    lo = check_float(value[0], "t_range lo", minimum=0.0, maximum=1.0, where=where)
+    hi = check_float(value[1], "t_range hi", minimum=0.0, maximum=1.0, where=where)
+    if not lo < hi:
+        raise ArgumentError(f"{where}: t_range needs lo < hi, got lo={lo:g}, hi={hi:g}")
+    p = check_float(value[2], "t_range p", minimum=0.0, maximum=1.0, where=where) if len(value) == 3 else 1.0
+    if not p > 0:
+        raise ArgumentError(f"{where}: t_range p must be > 0 (the probability of drawing t in [lo, hi]), got {p:g}")
+    return (lo, hi, p)
 
 
 # -----------------------------------------------------------------------------
@@ -532,6 +558,7 @@ class _Batch:
         gamma = getattr(cfg, "min_snr_gamma", None)  # exit-head training has no weighting
         self.gamma = None if gamma is None else float(gamma)
         self.snr = None  # per-sample SNR a^2 / s^2 of the last batch (for the loss weights)
+        self.t_range = getattr(cfg, "t_range", None)
         if schedule.kind == "discrete":
             ac = schedule.alphas_cumprod  # float64 [T]
             self.a_tab = ac.sqrt().float().to(device)
@@ -582,11 +609,22 @@ class _Batch:
         x0 = x0.to(dev, torch.float32, non_blocking=True)
         B = x0.shape[0]
         if self.schedule.kind == "discrete":
-            t = torch.randint(0, self.schedule.T, (B,), generator=gen, device=dev)
+            T = self.schedule.T
+            t = torch.randint(0, T, (B,), generator=gen, device=dev)
+            if self.t_range is not None:  # extra draws only when asked: runs without it keep their streams
+                lo, hi, p = self.t_range
+                t_lo, t_hi = min(int(lo * T), T - 1), max(min(int(hi * T), T), int(lo * T) + 1)
+                inside = torch.randint(t_lo, t_hi, (B,), generator=gen, device=dev)
+                t = torch.where(torch.rand(B, generator=gen, device=dev) < p, inside, t)
             a, s = self.a_tab[t], self.s_tab[t]
         else:
             eps_t = getattr(self.schedule, "eps", 1e-3)
-            t = eps_t + (1.0 - eps_t) * torch.rand(B, generator=gen, device=dev, dtype=torch.float64)
+            u = torch.rand(B, generator=gen, device=dev, dtype=torch.float64)
+            if self.t_range is not None:
+                lo, hi, p = self.t_range
+                inside = lo + (hi - lo) * torch.rand(B, generator=gen, device=dev, dtype=torch.float64)
+                u = torch.where(torch.rand(B, generator=gen, device=dev) < p, inside, u)
+            t = eps_t + (1.0 - eps_t) * u
             a, s = (v.float() for v in self.schedule.alpha_sigma(t))
         if self.moments:
             mean, logvar = x0.chunk(2, dim=1)
@@ -725,8 +763,10 @@ def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safet
         sched.load_state_dict(ck["scheduler"])
         start = int(ck["step"])
         old = ck.get("config", {})
-        for key in ("steps", "batch_size", "seed"):
-            if key in old and old[key] != getattr(cfg, key) and main:
+        def _norm(v):
+            return tuple(v) if isinstance(v, (list, tuple)) else v
+        for key in ("steps", "batch_size", "seed", "t_range"):
+            if key in old and _norm(old[key]) != _norm(getattr(cfg, key)) and main:
                 warnings.warn(f"resuming {resume_path} with {key}={getattr(cfg, key)} (it was trained with "
                               f"{old[key]}): the run will not match an uninterrupted one", stacklevel=2)
         rng_states = ck.get("rng")
@@ -858,7 +898,7 @@ def cmd_train(args) -> int:
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, betas=tuple(args.betas),
         grad_clip=args.grad_clip,
         ema_decay=args.ema_decay, label_dropout=args.label_dropout, min_snr_gamma=args.min_snr_gamma,
-        schedule=args.schedule,
+        t_range=args.t_range, schedule=args.schedule,
         time_convention=args.time_convention, precision=args.precision, seed=args.seed, resume=args.resume,
         overwrite=args.overwrite,
         init_from_deep=args.init_from_deep, stop_at=args.stop_at, ckpt_every=args.ckpt_every,
@@ -897,6 +937,10 @@ def add_cli(subparsers):
     p.add_argument("--min-snr-gamma", type=float, default=d.min_snr_gamma,
                    help="weight each sample's eps MSE by min(SNR, gamma) / SNR (Min-SNR-gamma, e.g. 5; "
                         "default: plain MSE, the DuoDiff recipe)")
+    p.add_argument("--t-range", default=None, metavar="LO,HI[,P]",
+                   help="draw the training timestep from the fractions [LO, HI] of the diffusion time (1 = pure "
+                        "noise) with probability P (default 1), else from the whole range: a shallow companion "
+                        "trained on the noisy steps it samples, e.g. 0.4,1.0,0.8")
     p.add_argument("--schedule", default=None,
                    help="training schedule (default: the model's discrete one, else linear)")
     p.add_argument("--time-convention", default=None, choices=list(TIME_CONVENTIONS))

@@ -209,7 +209,9 @@ def test_cli_train_arguments():
     assert args.resume == "latest" and args.steps == 7 and args.init_from_deep == "deep.pt"
     assert args.ema_decay == 0.999 and args.lr == 2e-4 and args.weight_decay == 0.03
     args = build_parser().parse_args(["train", "--model", "m", "--resume", "runs/x"])
-    assert args.resume == "runs/x"
+    assert args.resume == "runs/x" and args.t_range is None
+    args = build_parser().parse_args(["train", "--model", "m", "--t-range", "0.4,1.0,0.8"])
+    assert TrainConfig(model="m", t_range=args.t_range).validate().t_range == (0.4, 1.0, 0.8)
 
 
 # -----------------------------------------------------------------------------
@@ -265,3 +267,68 @@ def test_uvit_pos_embed_std_changes_only_the_init():
     for bad in (0, -0.1, float("inf"), "1", True):
         with pytest.raises(ValueError, match="pos_embed_std"):
             create_model(tiny(pos_embed_std=bad))
+
+
+# -----------------------------------------------------------------------------
+# The timestep range of a shallow companion (--t-range)
+# -----------------------------------------------------------------------------
+
+def _drawn_times(tmp_path, t_range, n=4000, schedule=None):
+    from duodiff_fast.data import get_dataset
+    from duodiff_fast.sampling.schedules import get_schedule
+    from duodiff_fast.train import _Batch
+    spec = tiny() if schedule is None else dict(tiny(), schedule=schedule, time_convention="cont999")
+    model = create_model(spec)
+    ds = get_dataset("shapes:8", n=32)
+    sched = get_schedule(spec["schedule"])
+    c = cfg(tmp_path, t_range=t_range).validate()
+    b = _Batch(model, sched, spec, ds, c, torch.device("cpu"))
+    x0, y = ds.batch([i % 32 for i in range(n)])
+    _, tm, _, _ = b(x0, y, torch.Generator().manual_seed(0))
+    return tm, b
+
+
+def test_t_range_draws_the_timesteps_it_names(tmp_path):
+    tm, b = _drawn_times(tmp_path, "0.4,1.0")  # the CLI's string form
+    assert b.t_range == (0.4, 1.0, 1.0)
+    t = (tm * 1000).round().long()  # frac1000
+    assert t.min() >= 400 and t.max() <= 999 and t.max() >= 990 and t.min() <= 410
+    tm, _ = _drawn_times(tmp_path, (0.0, 0.25))
+    t = (tm * 1000).round().long()
+    assert t.min() >= 0 and t.max() <= 249
+    # with p = 0.75, about a quarter of the draws come from the whole range: 0.25 * 0.4 of them below 0.4
+    tm, _ = _drawn_times(tmp_path, (0.4, 1.0, 0.75))
+    below = ((tm * 1000).round() < 400).float().mean().item()
+    assert 0.07 < below < 0.13, below
+    # no range: uniform over [0, 1000), about 40% below 400
+    tm, b = _drawn_times(tmp_path, None)
+    assert b.t_range is None and 0.36 < ((tm * 1000).round() < 400).float().mean().item() < 0.44
+
+
+def test_t_range_on_a_continuous_schedule(tmp_path):
+    tm, _ = _drawn_times(tmp_path, (0.5, 1.0), n=2000, schedule={"name": "vpsde"})
+    assert tm.min() >= 0.5 * 999 - 1 and tm.max() <= 999 + 1e-3  # cont999: the model time is 999 t
+    assert tm.min() <= 0.52 * 999
+
+
+@pytest.mark.parametrize("bad, text", [((0.5, 0.4), "lo < hi"), ((0.1, 1.2), "t_range hi"),
+                                       ((0.1, 0.9, 0.0), "p must be > 0"), ((0.1,), "t_range must be"),
+                                       ("a,b", "numbers"), ((-0.1, 0.5), "t_range lo")])
+def test_t_range_validation(tmp_path, bad, text):
+    with pytest.raises(ValueError, match=text):
+        cfg(tmp_path / "x", t_range=bad).validate()
+
+
+def test_t_range_run_resumes_exactly_and_is_recorded(tmp_path):
+    straight = train(cfg(tmp_path / "a", t_range=(0.4, 1.0, 0.8)))
+    stopped = train(cfg(tmp_path / "b", t_range=(0.4, 1.0, 0.8), stop_at=3))
+    resumed = train(cfg(tmp_path / "c", t_range=(0.4, 1.0, 0.8), resume=stopped["checkpoint"]))
+    A = torch.load(straight["checkpoint"], map_location="cpu", weights_only=True)
+    C = torch.load(resumed["checkpoint"], map_location="cpu", weights_only=True)
+    assert all(torch.equal(A["model"][k], C["model"][k]) for k in A["model"])
+    assert json.load(open(tmp_path / "a" / "config.json"))["t_range"] == [0.4, 1.0, 0.8]
+    # the range changes training: another run without it ends elsewhere
+    plain = torch.load(train(cfg(tmp_path / "d"))["checkpoint"], map_location="cpu", weights_only=True)
+    assert any(not torch.equal(A["model"][k], plain["model"][k]) for k in A["model"])
+    with pytest.warns(UserWarning, match="t_range"):
+        train(cfg(tmp_path / "e", t_range=(0.2, 1.0), resume=stopped["checkpoint"]))
