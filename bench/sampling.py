@@ -354,12 +354,12 @@ def check_bars(rows, device, repeats=None):
     """Each measured bar: dict(bar, value, threshold, ok, unit). ``ok`` is None (not judged) when the run had
     fewer repeats than MIN_REPEATS_FOR_BARS for its device (``repeats=None``: judge)."""
     gpu = device.type == "cuda"
-    judged = repeats is None or repeats >= MIN_REPEATS_FOR_BARS["cuda" if gpu else "cpu"]
+    need = MIN_REPEATS_FOR_BARS["cuda" if gpu else "cpu"]
     out = check_bars_values(rows, gpu)
-    if not judged:
+    if repeats is not None and repeats < need:
         for b in out:
             b["ok"] = None
-            b["not_judged"] = f"{repeats} repeat(s); bars need {MIN_REPEATS_FOR_BARS['cuda' if gpu else 'cpu']}"
+            b["not_judged"] = f"{repeats} repeat(s); bars need {need}"
     return out
 
 

@@ -613,7 +613,8 @@ class _Batch:
             t = torch.randint(0, T, (B,), generator=gen, device=dev)
             if self.t_range is not None:  # extra draws only when asked: runs without it keep their streams
                 lo, hi, p = self.t_range
-                t_lo, t_hi = min(int(lo * T), T - 1), max(min(int(hi * T), T), int(lo * T) + 1)
+                t_lo = int(lo * T)  # lo < hi <= 1, so t_lo <= T - 1; one index at least when lo, hi are close
+                t_hi = max(int(hi * T), t_lo + 1)
                 inside = torch.randint(t_lo, t_hi, (B,), generator=gen, device=dev)
                 t = torch.where(torch.rand(B, generator=gen, device=dev) < p, inside, t)
             a, s = self.a_tab[t], self.s_tab[t]
@@ -763,10 +764,8 @@ def _train(cfg, rank, world, device, main, get_dataset, create_model, save_safet
         sched.load_state_dict(ck["scheduler"])
         start = int(ck["step"])
         old = ck.get("config", {})
-        def _norm(v):
-            return tuple(v) if isinstance(v, (list, tuple)) else v
-        for key in ("steps", "batch_size", "seed", "t_range"):
-            if key in old and _norm(old[key]) != _norm(getattr(cfg, key)) and main:
+        for key in ("steps", "batch_size", "seed", "t_range"):  # t_range: a validated tuple on both sides
+            if key in old and old[key] != getattr(cfg, key) and main:
                 warnings.warn(f"resuming {resume_path} with {key}={getattr(cfg, key)} (it was trained with "
                               f"{old[key]}): the run will not match an uninterrupted one", stacklevel=2)
         rng_states = ck.get("rng")
