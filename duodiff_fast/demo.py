@@ -143,27 +143,31 @@ def score_modes(images, labels, rows, *, data="shapes", reference_n=2000, n_boot
     accuracy of the shipped proxy classifier with a bootstrap interval, proxy FID against held-out images of
     `data` with a bootstrap interval, and the paired bootstrap interval of the FID difference to the
     baseline. Used by the demo and by bench/early_exit.py."""
-    from .eval import class_accuracy, feature_statistics, fid_interval, fidelity, paired_fid_difference, \
-        reference_images
+    from .eval import class_accuracy, feature_statistics, fid_interval, fidelity, paired_accuracy_difference, \
+        paired_fid_difference, reference_images
     from .proxy import ProxyClassifier
     device = torch.device(device or "cpu")
     clf = ProxyClassifier.load(device=device)
     ref_stats = feature_statistics(clf.features(reference_images(data, reference_n)))
     feats = {name: clf.features(x).numpy() for name, x in images.items()}
     base = next(r for r in rows if r["mode"] == baseline)["seconds_per_image"]
+    accs = {name: class_accuracy(x, labels, classifier=clf, n_boot=n_boot, seed=seed) for name, x in images.items()}
     for r in rows:
         x = images[r["mode"]]
         r["speedup"] = base / r["seconds_per_image"]
         fid = fidelity(x, images[baseline])
         r["psnr_vs_deep"] = fid["psnr"]
         r["mse_vs_deep"] = fid["mse"]
-        acc = class_accuracy(x, labels, classifier=clf, n_boot=n_boot, seed=seed)
-        r.update(class_acc=acc["acc"], class_acc_low=acc["low"], class_acc_high=acc["high"])
+        acc = accs[r["mode"]]
+        r.update(class_acc=acc["acc"], class_acc_low=acc["low"], class_acc_high=acc["high"],
+                 class_acc_per_class=[None if c != c else c for c in acc["per_class"]])  # NaN: never asked
         f = fid_interval(feats[r["mode"]], *ref_stats, n_boot=n_boot_fid, seed=seed)
         r.update(proxy_fid=f["fid"], proxy_fid_low=f["low"], proxy_fid_high=f["high"])
         if r["mode"] != baseline:
             d = paired_fid_difference(feats[r["mode"]], feats[baseline], *ref_stats, n_boot=n_boot_fid, seed=seed)
             r.update(fid_diff_vs_deep=d["diff"], fid_diff_low=d["low"], fid_diff_high=d["high"])
+            a = paired_accuracy_difference(acc["pred"], accs[baseline]["pred"], labels, n_boot=n_boot, seed=seed)
+            r.update(class_acc_diff_vs_deep=a["diff"], class_acc_diff_low=a["low"], class_acc_diff_high=a["high"])
         r["device"] = _device_name(device)
         r["reference"] = f"{data} (held-out seed, {reference_n} images)"
     return rows
@@ -177,18 +181,23 @@ def _device_name(device):
 
 def markdown(rows) -> str:
     lines = ["| mode | shallow steps | s/image | speed-up | theoretical | class accuracy [95% CI] | "
-             "proxy FID [95% CI] | proxy FID - deep [95% CI] | PSNR vs deep (dB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "accuracy - deep (points) [95% CI] | proxy FID [95% CI] | proxy FID - deep [95% CI] | "
+             "PSNR vs deep (dB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if True:  # every row has the quality metrics
-            psnr = "-" if r["mode"] == "deep-only" else f"{r['psnr_vs_deep']:.2f}"
-            diff = "-" if "fid_diff_vs_deep" not in r else \
-                f"{r['fid_diff_vs_deep']:+.1f} [{r['fid_diff_low']:+.1f}, {r['fid_diff_high']:+.1f}]"
-            lines.append(
-                f"| {r['mode']} | {r['shallow_steps']}/{r['steps']} | {r['seconds_per_image']:.4f} | "
-                f"{r['speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | "
-                f"{100 * r['class_acc']:.1f}% [{100 * r['class_acc_low']:.1f}, {100 * r['class_acc_high']:.1f}] | "
-                f"{r['proxy_fid']:.1f} [{r['proxy_fid_low']:.1f}, {r['proxy_fid_high']:.1f}] | {diff} | {psnr} |")
+        psnr = "-" if r["mode"] == "deep-only" else f"{r['psnr_vs_deep']:.2f}"
+        diff = "-" if "fid_diff_vs_deep" not in r else \
+            f"{r['fid_diff_vs_deep']:+.1f} [{r['fid_diff_low']:+.1f}, {r['fid_diff_high']:+.1f}]"
+        # rows of results written before the paired accuracy difference existed have no such keys
+        dacc = "-" if "class_acc_diff_vs_deep" not in r else \
+            (f"{100 * r['class_acc_diff_vs_deep']:+.1f} [{100 * r['class_acc_diff_low']:+.1f}, "
+             f"{100 * r['class_acc_diff_high']:+.1f}]")
+        lines.append(
+            f"| {r['mode']} | {r['shallow_steps']}/{r['steps']} | {r['seconds_per_image']:.4f} | "
+            f"{r['speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | "
+            f"{100 * r['class_acc']:.1f}% [{100 * r['class_acc_low']:.1f}, {100 * r['class_acc_high']:.1f}] | "
+            f"{dacc} | {r['proxy_fid']:.1f} [{r['proxy_fid_low']:.1f}, {r['proxy_fid_high']:.1f}] | {diff} | "
+            f"{psnr} |")
     return "\n".join(lines)
 
 

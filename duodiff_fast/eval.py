@@ -357,6 +357,23 @@ def class_accuracy(images, labels, classifier: ProxyClassifier | None = None, n_
     return dict(acc=float(correct.mean()), low=lo, high=hi, per_class=per_class, n=int(len(correct)), pred=pred)
 
 
+def paired_accuracy_difference(pred_a, pred_b, labels, n_boot: int = 1000, seed: int = 0,
+                               level: float = 0.95) -> dict:
+    """Class accuracy of ``pred_a`` minus that of ``pred_b`` (predicted classes ``[N]`` for images sampled
+    from the same noise and label, ``labels`` ``[N]``), with a paired bootstrap interval: each resample
+    takes the same indices from both, so the noise the two share cancels. An interval containing 0 means
+    the two are not told apart at this sample count."""
+    a, b, y = (torch.as_tensor(np.asarray(v), dtype=torch.int64).reshape(-1) for v in (pred_a, pred_b, labels))
+    if not a.shape == b.shape == y.shape:
+        raise ValueError(f"paired_accuracy_difference: {a.shape[0]} and {b.shape[0]} predictions for "
+                         f"{y.shape[0]} labels; the two sets must be paired sample by sample")
+    if y.numel() == 0:
+        raise ValueError("paired_accuracy_difference: no samples")
+    d = (a == y).double() - (b == y).double()
+    lo, hi = bootstrap_interval(lambda i: float(d[i].mean()), len(d), n_boot, seed, level)
+    return dict(diff=float(d.mean()), low=lo, high=hi, n=int(len(d)))
+
+
 def _fid_of(f: np.ndarray, ref_mu, ref_sigma) -> float:
     # The symmetric-eigen form: ~50x faster than scipy's sqrtm at 128 features (hundreds of bootstrap
     # resamples), equal to float64 round-off on well-conditioned covariances.

@@ -72,9 +72,20 @@ def test_demo_runs_end_to_end(tmp_path):
         assert 0.0 <= r["class_acc_low"] <= r["class_acc"] <= r["class_acc_high"] <= 1.0
         assert r["proxy_fid_low"] <= r["proxy_fid_high"]
     assert "fid_diff_vs_deep" not in rows[0] and rows[1]["fid_diff_low"] <= rows[1]["fid_diff_high"]
+    assert "class_acc_diff_vs_deep" not in rows[0]
+    for r in rows[1:]:  # the paired accuracy difference is the two rows' accuracies apart, inside its interval
+        assert r["class_acc_diff_vs_deep"] == pytest.approx(r["class_acc"] - rows[0]["class_acc"])
+        assert r["class_acc_diff_low"] <= r["class_acc_diff_vs_deep"] <= r["class_acc_diff_high"]
+    # n=8 asks for classes 0..7 once each: per-class accuracy is 0 or 1 there, None (not NaN) for 8 and 9
+    for r in rows:
+        pc = r["class_acc_per_class"]
+        assert len(pc) == 10 and pc[8] is None and pc[9] is None and all(p in (0.0, 1.0) for p in pc[:8])
+        assert sum(pc[:8]) / 8 == pytest.approx(r["class_acc"])
     # the deep segment pulls DuoDiff's samples towards deep-only: closer than shallow-only ones
     assert rows[1]["psnr_vs_deep"] > rows[2]["psnr_vs_deep"]
     for name in ("side_by_side.png", "speed_quality.png", "results.json", "results.md"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"][1]["shallow_steps"] == 3
+    table = (out / "results.md").read_text()
+    assert "accuracy - deep (points)" in table and f"{100 * rows[1]['class_acc_diff_vs_deep']:+.1f} [" in table

@@ -300,6 +300,34 @@ def test_paired_fid_difference_tells_degraded_from_same(tmp_path):
     assert same["diff"] == 0 and same["low"] == same["high"] == 0
 
 
+def test_paired_accuracy_difference_cancels_shared_noise():
+    from duodiff_fast.eval import paired_accuracy_difference
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(400) % 10
+    b = torch.where(torch.rand(400, generator=g) < 0.7, y, (y + 1) % 10)  # ~70% right
+    # a: b with 20 of b's wrong answers fixed, so a is exactly 5 points better, sample by sample
+    a = b.clone()
+    fix = torch.nonzero(b != y).reshape(-1)[:20]
+    a[fix] = y[fix]
+    d = paired_accuracy_difference(a, b, y, n_boot=400)
+    assert d["diff"] == pytest.approx(0.05) and d["n"] == 400
+    assert 0 < d["low"] <= d["diff"] <= d["high"]  # a paired interval sees a consistent 5-point gain
+    # the unpaired intervals of the two accuracies overlap: only the paired one tells them apart
+    from duodiff_fast.eval import bootstrap_interval
+    ca, cb = (a == y).double(), (b == y).double()
+    _, hb = bootstrap_interval(lambda i: float(cb[i].mean()), 400, 400)
+    la, _ = bootstrap_interval(lambda i: float(ca[i].mean()), 400, 400)
+    assert la < hb
+    same = paired_accuracy_difference(b, b, y, n_boot=50)
+    assert same["diff"] == same["low"] == same["high"] == 0.0
+    flipped = paired_accuracy_difference(b, a, y, n_boot=400)
+    assert flipped["diff"] == pytest.approx(-0.05) and flipped["high"] < 0
+    with pytest.raises(ValueError, match="paired sample by sample"):
+        paired_accuracy_difference(a[:399], b, y)
+    with pytest.raises(ValueError, match="no samples"):
+        paired_accuracy_difference(a[:0], b[:0], y[:0])
+
+
 def test_eval_cli_class_acc(tmp_path, capsys):
     x, y = Shapes(120, 32, seed=55).batch(range(120))
     u8 = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
