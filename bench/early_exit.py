@@ -8,8 +8,8 @@ several switch points, shallow-only, and early exit (`EarlyExitSampler`, batch m
 exit are really not run, so the wall clock falls with the exit layer) at several thresholds. Per mode:
 measured speed-up over deep-only (every mode sampled at the same batch size), the speed-up the block count
 predicts, class accuracy of the shipped proxy classifier and proxy FID against held-out training images,
-both with 95% bootstrap intervals, the paired interval of the FID difference to deep-only, PSNR to
-deep-only. One plot, quality against measured speed-up, both methods on it.
+both with 95% bootstrap intervals, the paired intervals of the accuracy and FID differences to deep-only,
+PSNR to deep-only. One plot, quality against measured speed-up, both methods on it.
 
 `--batch-size` matters for early exit: in batch mode the batch leaves at the first exit where every sample
 is confident, so the bigger the batch, the later it leaves. The default, 10, is a small serving batch.
@@ -91,14 +91,19 @@ def markdown(rows, meta) -> str:
              f"guidance {meta['cfg_scale'] or 'none'}, batch {meta['batch_size']}, {meta['device']}; early exit: "
              f"{meta['variant']} heads, batch mode.", "",
              "| mode | method | measured speed-up | block-count speed-up | class accuracy [95% CI] | "
-             "proxy FID [95% CI] | FID - deep [95% CI] | PSNR vs deep (dB) |", "|---|---|---|---|---|---|---|---|"]
+             "accuracy - deep (points) [95% CI] | proxy FID [95% CI] | FID - deep [95% CI] | PSNR vs deep (dB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = "-" if "fid_diff_vs_deep" not in r else \
             f"{r['fid_diff_vs_deep']:+.1f} [{r['fid_diff_low']:+.1f}, {r['fid_diff_high']:+.1f}]"
+        dacc = "-" if "class_acc_diff_vs_deep" not in r else \
+            (f"{100 * r['class_acc_diff_vs_deep']:+.1f} [{100 * r['class_acc_diff_low']:+.1f}, "
+             f"{100 * r['class_acc_diff_high']:+.1f}]")
         psnr = "-" if r["mode"] == "deep-only" else f"{r['psnr_vs_deep']:.1f}"
         lines.append(f"| {r['mode']} | {r['method']} | {r['speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | "
                      f"{100 * r['class_acc']:.1f}% [{100 * r['class_acc_low']:.1f}, {100 * r['class_acc_high']:.1f}] | "
-                     f"{r['proxy_fid']:.1f} [{r['proxy_fid_low']:.1f}, {r['proxy_fid_high']:.1f}] | {diff} | {psnr} |")
+                     f"{dacc} | {r['proxy_fid']:.1f} [{r['proxy_fid_low']:.1f}, {r['proxy_fid_high']:.1f}] | {diff} | "
+                     f"{psnr} |")
     return "\n".join(lines)
 
 

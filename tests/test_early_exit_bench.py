@@ -1,0 +1,37 @@
+"""bench/early_exit.py end to end on a tiny run of the shipped pair and exit heads (CPU, seconds)."""
+import importlib.util
+import json
+import os
+import warnings
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_early_exit", os.path.join(ROOT, "bench", "early_exit.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_early_exit_bench_writes_paired_differences(tmp_path):
+    bench = _bench()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a fingerprint warning while the shipped heads are being refitted
+        rc = bench.main(["--n", "10", "--steps", "4", "--switches", "0.5", "--thresholds", "0.7",
+                         "--batch-size", "10", "--reference-n", "64", "--out", str(tmp_path)])
+    assert rc == 0
+    (js,) = tmp_path.glob("early_exit_*_adadiff_*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["deep-only", "DuoDiff 0.5", "shallow-only", "adadiff exit 0.7"]
+    deep = rows[0]
+    assert "class_acc_diff_vs_deep" not in deep and "fid_diff_vs_deep" not in deep
+    for r in rows[1:]:
+        assert r["class_acc_diff_vs_deep"] == pytest.approx(r["class_acc"] - deep["class_acc"])
+        assert r["class_acc_diff_low"] <= r["class_acc_diff_vs_deep"] <= r["class_acc_diff_high"]
+        assert r["fid_diff_low"] <= r["fid_diff_high"]
+    md = js.with_suffix(".md").read_text()
+    assert "accuracy - deep (points)" in md and md.count("\n| ") == len(rows) + 1  # header + one line per mode
+    assert js.with_suffix(".png").stat().st_size > 0
