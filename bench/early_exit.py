@@ -87,6 +87,7 @@ def run(n=200, steps=25, switches=(0.2, 0.4, 0.6), thresholds=None, variant="ada
 
 
 def markdown(rows, meta) -> str:
+    from duodiff_fast.demo import quality_cells
     lines = [f"Demo pair, {meta['n']} samples (labels 0..9 in turn), {meta['solver'].upper()} {meta['steps']} steps, "
              f"guidance {meta['cfg_scale'] or 'none'}, batch {meta['batch_size']}, {meta['device']}; early exit: "
              f"{meta['variant']} heads, batch mode.", "",
@@ -94,16 +95,9 @@ def markdown(rows, meta) -> str:
              "accuracy - deep (points) [95% CI] | proxy FID [95% CI] | FID - deep [95% CI] | PSNR vs deep (dB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        diff = "-" if "fid_diff_vs_deep" not in r else \
-            f"{r['fid_diff_vs_deep']:+.1f} [{r['fid_diff_low']:+.1f}, {r['fid_diff_high']:+.1f}]"
-        dacc = "-" if "class_acc_diff_vs_deep" not in r else \
-            (f"{100 * r['class_acc_diff_vs_deep']:+.1f} [{100 * r['class_acc_diff_low']:+.1f}, "
-             f"{100 * r['class_acc_diff_high']:+.1f}]")
         psnr = "-" if r["mode"] == "deep-only" else f"{r['psnr_vs_deep']:.1f}"
         lines.append(f"| {r['mode']} | {r['method']} | {r['speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | "
-                     f"{100 * r['class_acc']:.1f}% [{100 * r['class_acc_low']:.1f}, {100 * r['class_acc_high']:.1f}] | "
-                     f"{dacc} | {r['proxy_fid']:.1f} [{r['proxy_fid_low']:.1f}, {r['proxy_fid_high']:.1f}] | {diff} | "
-                     f"{psnr} |")
+                     f"{quality_cells(r)} | {psnr} |")
     return "\n".join(lines)
 
 

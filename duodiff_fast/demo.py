@@ -180,6 +180,20 @@ def _device_name(device):
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
+def quality_cells(r) -> str:
+    """The four quality cells of one row of score_modes, as markdown: class accuracy, its paired difference
+    to the baseline (points), proxy FID, its paired difference; '-' where a row has no difference (the
+    baseline, or results written before the accuracy difference existed). Shared by the demo's table and
+    bench/early_exit.py's."""
+    dacc = "-" if "class_acc_diff_vs_deep" not in r else \
+        (f"{100 * r['class_acc_diff_vs_deep']:+.1f} [{100 * r['class_acc_diff_low']:+.1f}, "
+         f"{100 * r['class_acc_diff_high']:+.1f}]")
+    dfid = "-" if "fid_diff_vs_deep" not in r else \
+        f"{r['fid_diff_vs_deep']:+.1f} [{r['fid_diff_low']:+.1f}, {r['fid_diff_high']:+.1f}]"
+    return (f"{100 * r['class_acc']:.1f}% [{100 * r['class_acc_low']:.1f}, {100 * r['class_acc_high']:.1f}] | "
+            f"{dacc} | {r['proxy_fid']:.1f} [{r['proxy_fid_low']:.1f}, {r['proxy_fid_high']:.1f}] | {dfid}")
+
+
 def markdown(rows) -> str:
     lines = ["| mode | shallow steps | s/image | speed-up | theoretical | class accuracy [95% CI] | "
              "accuracy - deep (points) [95% CI] | proxy FID [95% CI] | proxy FID - deep [95% CI] | "
@@ -187,18 +201,8 @@ def markdown(rows) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         psnr = "-" if r["mode"] == "deep-only" else f"{r['psnr_vs_deep']:.2f}"
-        diff = "-" if "fid_diff_vs_deep" not in r else \
-            f"{r['fid_diff_vs_deep']:+.1f} [{r['fid_diff_low']:+.1f}, {r['fid_diff_high']:+.1f}]"
-        # rows of results written before the paired accuracy difference existed have no such keys
-        dacc = "-" if "class_acc_diff_vs_deep" not in r else \
-            (f"{100 * r['class_acc_diff_vs_deep']:+.1f} [{100 * r['class_acc_diff_low']:+.1f}, "
-             f"{100 * r['class_acc_diff_high']:+.1f}]")
-        lines.append(
-            f"| {r['mode']} | {r['shallow_steps']}/{r['steps']} | {r['seconds_per_image']:.4f} | "
-            f"{r['speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | "
-            f"{100 * r['class_acc']:.1f}% [{100 * r['class_acc_low']:.1f}, {100 * r['class_acc_high']:.1f}] | "
-            f"{dacc} | {r['proxy_fid']:.1f} [{r['proxy_fid_low']:.1f}, {r['proxy_fid_high']:.1f}] | {diff} | "
-            f"{psnr} |")
+        lines.append(f"| {r['mode']} | {r['shallow_steps']}/{r['steps']} | {r['seconds_per_image']:.4f} | "
+                     f"{r['speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | {quality_cells(r)} | {psnr} |")
     return "\n".join(lines)
 
 

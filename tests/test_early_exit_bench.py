@@ -2,7 +2,6 @@
 import importlib.util
 import json
 import os
-import warnings
 
 import pytest
 
@@ -18,10 +17,8 @@ def _bench():
 
 def test_early_exit_bench_writes_paired_differences(tmp_path):
     bench = _bench()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a fingerprint warning while the shipped heads are being refitted
-        rc = bench.main(["--n", "10", "--steps", "4", "--switches", "0.5", "--thresholds", "0.7",
-                         "--batch-size", "10", "--reference-n", "64", "--out", str(tmp_path)])
+    rc = bench.main(["--n", "10", "--steps", "4", "--switches", "0.5", "--thresholds", "0.7",
+                     "--batch-size", "10", "--reference-n", "64", "--out", str(tmp_path)])
     assert rc == 0
     (js,) = tmp_path.glob("early_exit_*_adadiff_*.json")
     rows = json.loads(js.read_text())["rows"]
