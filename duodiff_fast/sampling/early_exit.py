@@ -220,13 +220,13 @@ def suggest_switch_from_profile(profile: dict, shallow_depth: int = 3, threshold
 # suggestion and the flat fields of exits.json describe (README, "Measured on the shipped demo pair").
 DEFAULT_THRESHOLDS = {"duodiff": (0.3, 0.4), "adadiff": (0.7, 0.6)}
 
-# The one default fidelity tolerance of calibrate_switch and `duodiff-fast calibrate`, set on the shipped pair:
-# in its 1,000-sample quality run 0.4 kept deep-only's class accuracy within 3 points with its whole paired
-# interval (-1.7 [-3.7, +0.1]); 0.6 did only at the point (-2.4 [-4.7, -0.2]). `calibrate --demo` (64 samples,
-# no guidance) measured 24.6 dB at 0.4 and 23.8 dB at 0.5, and 24.2 dB lies halfway (README, "Choosing a
-# switch"; bench/results/demo_2026-12-03c_n1000_cpu and calibrate_2026-12-03c_cpu). It was 25.5 dB for the
-# previous deep model and 20 dB for the companion before that: the number belongs to a pair, and a new pair
-# should set it from its own quality run.
+# The one default fidelity tolerance of calibrate_switch and `duodiff-fast calibrate`, set on the shipped pairs:
+# `calibrate --demo` (64 samples, no guidance) measures 24.7 dB at 0.4 and 23.7 dB at 0.5 on the shipped pair
+# (24.6 / 23.8 on the previous one), and 24.2 dB lies halfway. In the 1,000-sample quality runs 0.4 kept
+# deep-only's class accuracy within 3 points (-2.1 [-3.8, -0.4]; the previous pair -1.7 [-3.7, +0.1]), and
+# 0.6 was no better (-2.2 [-4.1, -0.2]). README, "Choosing a switch"; bench/results/demo_2026-12-03d_n1000_cpu
+# and calibrate_2026-12-03d_cpu. It was 25.5 dB for an earlier deep model and 20 dB for the companion before
+# that: the number belongs to a pair, and a new pair should set it from its own quality run.
 DEFAULT_TOLERANCE_DB = 24.2
 
 
