@@ -87,6 +87,14 @@ def parse_cfg(text: str):
     return argtype_float(minimum=0.0)(text)
 
 
+def parse_shallow_cfg(text: str):
+    """'--shallow-cfg 2.0' (the shallow steps' own scale, >= 0), 'same' (= --cfg) or 'off' (unguided: 1)."""
+    t = text.strip().lower()
+    if t in ("same", "off", "none"):
+        return None if t == "same" else 1.0
+    return argtype_float(minimum=0.0)(text)
+
+
 def build_model(spec: str, ckpt: str | None, device, dtype):
     """A preset name (random weights unless `ckpt`) or a checkpoint with a preset: 'preset' + path."""
     import torch
@@ -115,6 +123,9 @@ def _add_sampling_args(p):
                    help="classifier-free guidance scale in diffusers' convention (uncond + w (cond - uncond); "
                         "upstream U-ViT's s is w - 1); default 'preset': the preset's recommended scale "
                         "(`duodiff-fast info --presets`), none for presets without one; 'off' disables")
+    p.add_argument("--shallow-cfg", type=parse_shallow_cfg, default=None,
+                   help="guidance scale of the shallow steps only (same convention); default 'same' "
+                        "(= --cfg); 'off' runs them unguided (one forward per step)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
 
@@ -167,7 +178,8 @@ def cmd_sample(args):
             from .sampling.diffusers_loop import make_scheduler
             solver = make_scheduler(solver.split(":", 1)[1], schedule)
         sampler = DuoSampler(shallow, deep, schedule=schedule, solver=solver, steps=args.steps,
-                             switch=args.switch, cfg_scale=cfg, eta=args.eta)
+                             switch=args.switch, cfg_scale=cfg, shallow_cfg_scale=args.shallow_cfg,
+                             eta=args.eta)
         latent = is_latent(deep_spec, sampler.in_channels)
         if args.vae is not None:  # checked before sampling: a wrong folder fails now, not after the run
             if not latent:
@@ -187,7 +199,8 @@ def cmd_sample(args):
         npz = merge_shards(args.out)
         meta = dict(deep=args.deep, shallow=shallow_name, switch=str(args.switch), shallow_steps=sampler.k,
                     steps=args.steps, solver=args.solver, n=args.n, batch_size=args.batch_size,
-                    seed=args.seed, cfg=sampler.cfg_scale, cfg_channels=sampler.cfg_channels, seconds=seconds,
+                    seed=args.seed, cfg=sampler.cfg_scale, shallow_cfg=sampler.shallow_cfg_scale,
+                    cfg_channels=sampler.cfg_channels, seconds=seconds,
                     images_per_s=args.n / seconds if seconds else None,
                     device=str(device), world_size=world)
         _io.write_json(os.path.join(args.out, "samples.json"), meta)

@@ -22,6 +22,9 @@ DEMO_FILES = {"deep": "demo_deep.safetensors", "shallow": "demo_shallow.safetens
 # sitting of the shipped deep model (50 samples, DDIM 25): class accuracy 18% without guidance, 38% at 3,
 # 36% at 5 (README, 'The demo').
 DEMO_CFG_SCALE = 3.0
+# Guidance of the shallow steps (DuoSampler's shallow_cfg_scale; None = DEMO_CFG_SCALE). Chosen on noise other
+# than the demo's: see the README, 'Guidance of the shallow steps'.
+DEMO_SHALLOW_CFG_SCALE = None
 DEMO_N = 160  # 16 per class. With guidance (two forwards per step) 200 took 157 s and 182 s on the 2-core machine
 # on one day (2026-12-03; its speed moved 15% between runs): 160 keeps the demo inside 3 minutes on a slow run.
 # The DuoDiff rows of the demo: the issue's switch 0.4 and a faster one. 0.2 (`--switches 0.2,0.4,0.6`) is
@@ -67,13 +70,16 @@ def load_demo_pair(device="cpu"):
 
 def run_demo(out="out/demo", n=DEMO_N, steps=25, switches=DEMO_SWITCHES, solver="ddim", seed=0,
              cfg_scale=DEMO_CFG_SCALE, clip_sample=1.0, reference_n=2000, batch_size=256, device=None, progress=True,
-             n_boot=1000, n_boot_fid=200):
+             n_boot=1000, n_boot_fid=200, shallow_cfg_scale=DEMO_SHALLOW_CFG_SCALE):
     """Run every mode from the same noise and labels; returns one dict per mode and writes PNGs + JSON to `out`.
 
     Per mode: seconds per image and speed-up (measured and from the block count), class accuracy of the
     shipped proxy classifier on the labels the samples were drawn for, proxy FID against held-out images of
     the training data, both with 95% bootstrap intervals, the paired bootstrap interval of the proxy-FID
-    difference to deep-only (same noise, same resampled indices), and PSNR against deep-only."""
+    difference to deep-only (same noise, same resampled indices), and PSNR against deep-only.
+
+    Guidance: `cfg_scale` on the deep steps, `shallow_cfg_scale` (None = `cfg_scale`) on the shallow ones, in
+    every mode (so shallow-only samples every step at `shallow_cfg_scale`)."""
     from tqdm.auto import tqdm
 
     from .sampling import DuoSampler
@@ -86,6 +92,8 @@ def run_demo(out="out/demo", n=DEMO_N, steps=25, switches=DEMO_SWITCHES, solver=
     switches = [check_float(v, "switches", minimum=0.0, maximum=1.0, where=w) for v in switches]
     if cfg_scale is not None:
         cfg_scale = check_float(cfg_scale, "cfg_scale", minimum=0.0, where=w)
+    if shallow_cfg_scale is not None:
+        shallow_cfg_scale = check_float(shallow_cfg_scale, "shallow_cfg_scale", minimum=0.0, where=w)
     _io.check_writable_dir(out, "--out")  # before a minute of sampling, not after
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shallow, deep = load_demo_pair(device)
@@ -95,7 +103,8 @@ def run_demo(out="out/demo", n=DEMO_N, steps=25, switches=DEMO_SWITCHES, solver=
 
     def sampler(s):
         return DuoSampler(shallow, deep, schedule=deep.schedule_spec, solver=solver, steps=steps, switch=s,
-                          cfg_scale=cfg_scale, clip_sample=clip_sample if solver != "dpmsolver++" else None)
+                          cfg_scale=cfg_scale, shallow_cfg_scale=shallow_cfg_scale,
+                          clip_sample=clip_sample if solver != "dpmsolver++" else None)
 
     warm = sampler(0.0)
     # Balanced labels in order (0, 1, ..., 9, 0, 1, ...): the first strip of side_by_side.png shows each
@@ -118,6 +127,7 @@ def run_demo(out="out/demo", n=DEMO_N, steps=25, switches=DEMO_SWITCHES, solver=
     _speed_quality_plot(rows, os.path.join(out, "speed_quality.png"))
     _io.write_json(os.path.join(out, "results.json"),
                    dict(rows=rows, solver=solver, steps=steps, n=n, seed=seed, cfg_scale=cfg_scale,
+                        shallow_cfg_scale=warm.shallow_cfg_scale,
                         clip_sample=clip_sample, reference_n=reference_n, deep_trained_steps=deep.trained_steps,
                         shallow_trained_steps=shallow.trained_steps))
     _io.write_text(os.path.join(out, "results.md"), markdown(rows) + "\n")
@@ -263,7 +273,8 @@ def _speed_quality_plot(rows, path):
 def cmd_demo(args):
     t0 = time.perf_counter()
     rows = run_demo(out=args.out, n=args.n, steps=args.steps, switches=args.switches, solver=args.solver,
-                    seed=args.seed, cfg_scale=args.cfg, clip_sample=args.clip_sample or None,
+                    seed=args.seed, cfg_scale=args.cfg, shallow_cfg_scale=args.shallow_cfg,
+                    clip_sample=args.clip_sample or None,
                     reference_n=args.reference_n,
                     batch_size=args.batch_size, device=args.device)
     best = max((r for r in rows if r["mode"].startswith("DuoDiff")), key=lambda r: r["speedup"])
@@ -287,6 +298,7 @@ def _switch_list(text):
 
 
 def add_cli(sub):
+    from .cli import parse_shallow_cfg
     p = sub.add_parser("demo", help="deep-only vs DuoDiff with the shipped demo pair: grid, plot, speed-up, "
                                     "fidelity, proxy FID")
     p.add_argument("--out", default="out/demo")
@@ -297,6 +309,9 @@ def add_cli(sub):
     p.add_argument("--solver", default="ddim", type=str.lower, choices=["ddim", "ddpm", "dpmsolver++"])
     p.add_argument("--cfg", type=argtype_float(0.0), default=DEMO_CFG_SCALE,
                    help="classifier-free guidance scale (diffusers' convention, >= 0; 1 = none; default %(default)s)")
+    p.add_argument("--shallow-cfg", type=parse_shallow_cfg, default=DEMO_SHALLOW_CFG_SCALE,
+                   help="guidance scale of the shallow steps only (DuoDiff and shallow-only rows); "
+                        "'same' = --cfg, 'off' = 1 (unguided); default %(default)s")
     p.add_argument("--clip-sample", type=argtype_float(0.0), default=1.0,
                    help="clamp each step's x0 prediction to [-c, c] (ddim/ddpm; 0 = off), as DDPM does for pixels")
     p.add_argument("--seed", type=argtype_int(0), default=0)

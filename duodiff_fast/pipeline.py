@@ -145,18 +145,20 @@ class DuoDiffPipeline:
         return getattr(self.deep, "num_classes", 0) or 0
 
     def __call__(self, class_labels=None, *, num_images=None, num_inference_steps=50, guidance_scale=None,
-                 switch=None, generator=None, output_type="pil", decode_batch_size=8, progress=False):
+                 switch=None, generator=None, output_type="pil", decode_batch_size=8, progress=False,
+                 shallow_guidance_scale=None):
         """Sample. `guidance_scale` is diffusers' (`uncond + w (cond - uncond)`; None or 1 = off);
-        `switch` overrides the pipeline's for this call. Returns DuoDiffPipelineOutput."""
+        `shallow_guidance_scale` the scale of the shallow steps (None = `guidance_scale`); `switch`
+        overrides the pipeline's for this call. Returns DuoDiffPipelineOutput."""
         with torch.inference_mode():
             out = self._call(class_labels, num_images, num_inference_steps, guidance_scale, switch, generator,
-                             output_type, decode_batch_size, progress)
+                             output_type, decode_batch_size, progress, shallow_guidance_scale)
         if isinstance(out.images, torch.Tensor):
             out.images = out.images.clone()  # outside inference mode: an ordinary tensor
         return out
 
     def _call(self, class_labels, num_images, num_inference_steps, guidance_scale, switch, generator,
-              output_type, decode_batch_size, progress):
+              output_type, decode_batch_size, progress, shallow_guidance_scale=None):
         from .sampling import DuoSampler, SampleTrace
         from .sampling.diffusers_loop import make_model_fn, run_scheduler_loop
         if output_type not in OUTPUT_TYPES:
@@ -170,7 +172,8 @@ class DuoDiffPipeline:
         if isinstance(self.scheduler, str):
             sampler = DuoSampler(self.shallow, self.deep, schedule=self.schedule, solver=self.scheduler,
                                  steps=num_inference_steps, switch=switch, cfg_scale=guidance_scale,
-                                 cfg_channels=self.guide_channels, progress=progress)
+                                 shallow_cfg_scale=shallow_guidance_scale, cfg_channels=self.guide_channels,
+                                 progress=progress)
             x = sampler.sample(n=n, y=y, generator=generator)
             trace = sampler.trace
         else:
@@ -181,7 +184,7 @@ class DuoDiffPipeline:
             if y is None and self.num_classes > 0:  # drawn after the noise, as DuoSampler does
                 y = torch.randint(0, self.label_range(), (n,), generator=generator, device=gdev).to(self.device)
             fn = make_model_fn(self.shallow, deep, schedule=self.schedule, y=y, cfg_scale=guidance_scale,
-                               guide_channels=self.guide_channels)
+                               shallow_cfg_scale=shallow_guidance_scale, guide_channels=self.guide_channels)
             trace = SampleTrace()
             x = run_scheduler_loop(self.scheduler, num_inference_steps, switch, fn, noise, generator,
                                    schedule=self.schedule, learned_sigma=getattr(deep, "learn_sigma", False),

@@ -26,6 +26,8 @@ def run(argv, capsys):
     (["demo", "--n", "0"], "--n"),
     (["demo", "--switches", "0.2,1.5"], "switches"),
     (["demo", "--cfg", "-1"], "--cfg"),
+    (["demo", "--shallow-cfg", "-1"], "--shallow-cfg"),
+    (["demo", "--shallow-cfg", "lots"], "--shallow-cfg"),
     (["sample", "--deep", "dit_s_8", "--cfg", "-1"], "--cfg"),
     (["sample", "--deep", "dit_s_8", "--n", "2.7"], "--n"),
     (["sample", "--deep", "dit_s_8", "--switch", "1.5"], "switch"),

@@ -87,5 +87,9 @@ def test_demo_runs_end_to_end(tmp_path):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"][1]["shallow_steps"] == 3
+    from duodiff_fast.demo import DEMO_CFG_SCALE, DEMO_SHALLOW_CFG_SCALE
+    assert saved["cfg_scale"] == DEMO_CFG_SCALE
+    want = DEMO_CFG_SCALE if DEMO_SHALLOW_CFG_SCALE is None else DEMO_SHALLOW_CFG_SCALE
+    assert saved["shallow_cfg_scale"] == want
     table = (out / "results.md").read_text()
     assert "accuracy - deep (points)" in table and f"{100 * rows[1]['class_acc_diff_vs_deep']:+.1f} [" in table

@@ -254,37 +254,46 @@ def plan_scheduler(scheduler, steps: int, switch=0.0, *, schedule=None, learned_
 # -----------------------------------------------------------------------------
 
 def make_model_fn(shallow, deep, *, schedule, time_convention=None, y=None, cfg_scale=None, dtype=None,
-                  guide_channels=None):
+                  guide_channels=None, shallow_cfg_scale=None):
     """`model_fn(name, x, t)` for `run_scheduler_loop` from our models: `x` (B, C, H, W) float32 model input,
-    `t` the scheduler's timestep; returns the full output (B, C_out, H, W) float32, guided when
-    `cfg_scale` is set and != 1 on the first `guide_channels` channels (default C), the other channels
-    from the conditional half."""
+    `t` the scheduler's timestep; returns the full output (B, C_out, H, W) float32, guided when the scale
+    of `name` is set and != 1 on the first `guide_channels` channels (default C), the other channels
+    from the conditional half. The deep model's scale is `cfg_scale`, the shallow model's
+    `shallow_cfg_scale` (None = `cfg_scale`)."""
     from .schedules import get_schedule
     schedule = get_schedule(schedule)
     models = {"shallow": shallow, "deep": deep}
-    guided = cfg_scale is not None and cfg_scale != 1.0
-    if guided and y is None:
-        raise ValueError("cfg_scale needs class labels y (guidance pairs each label with the null class)")
-    if guided:
-        for name, m in models.items():
-            if getattr(m, "null_class", None) is None:
-                raise ValueError(f"cfg_scale={cfg_scale:g} but the {name} model has no null_class (it was "
-                                 "trained without label dropout: no unconditional branch)")
+    from .._validate import check_float
+    scales = {"shallow": cfg_scale if shallow_cfg_scale is None else shallow_cfg_scale, "deep": cfg_scale}
+    for name, w in scales.items():
+        if w is None:
+            continue
+        arg = "cfg_scale" if name == "deep" or shallow_cfg_scale is None else "shallow_cfg_scale"
+        w = scales[name] = check_float(w, arg, minimum=0.0, where="guidance")
+        if w == 1.0:
+            continue
+        if y is None:
+            raise ValueError(f"{arg}={w:g} needs class labels y (guidance pairs each label with the null "
+                             "class)")
+        if getattr(models[name], "null_class", None) is None:
+            raise ValueError(f"{arg}={w:g} but the {name} model has no null_class (it was "
+                             "trained without label dropout: no unconditional branch)")
 
     def model_fn(name, x, t):
         model = models[name]
+        w = scales[name]
         conv = time_convention or getattr(model, "time_convention", None) or "int"
         B = x.shape[0]
         tm = schedule.model_time(torch.as_tensor(t).reshape(1), conv).to(x.device, torch.float32).expand(B)
         xin = x.to(dtype or next(model.parameters()).dtype)
-        if not guided:
+        if w is None or w == 1.0:
             out = model(xin, tm, y) if y is not None else model(xin, tm)
             return out.float()
         null = torch.full_like(y, model.null_class)
         out = model(torch.cat([xin, xin]), torch.cat([tm, tm]), torch.cat([y, null])).float()
         C = guide_channels or x.shape[1]
         cond, uncond = out[:, :C].chunk(2)
-        return torch.cat([uncond + cfg_scale * (cond - uncond), out[:B, C:]], dim=1)
+        return torch.cat([uncond + w * (cond - uncond), out[:B, C:]], dim=1)
 
     return model_fn
 

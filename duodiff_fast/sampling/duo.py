@@ -119,6 +119,11 @@ def _normalise_schedule_spec(spec):
         return None
 
 
+def _guides(w) -> bool:
+    """Whether a guidance scale needs the unconditional branch (None and 1 do not)."""
+    return w is not None and w != 1.0
+
+
 def _same_schedule(a, b) -> bool:
     """Whether two schedules give the same alphas (by their tables, not their spelling)."""
     if a.kind != b.kind or a.T != b.T or getattr(a, "t_offset", 0) != getattr(b, "t_offset", 0):
@@ -147,6 +152,11 @@ class DuoSampler:
             None or 1 = off, 0 = unconditional; a finite number >= 0. (Upstream U-ViT writes
             `cond + s (cond - uncond)`: its s is w - 1.) Presets carry a recommended value
             (`model.recommended_cfg_scale`); pass `cfg_scale="preset"` to use it.
+        shallow_cfg_scale: guidance for the shallow steps only (same convention); None (default) =
+            `cfg_scale`. The deep steps always use `cfg_scale`. 1 runs the shallow steps unguided (one
+            forward per step instead of two). On the demo pair a lower scale on the shallow steps than on
+            the deep ones brought DuoDiff's proxy FID to deep-only's at the same class accuracy (README,
+            'The demo').
         cfg_channels: how many leading eps channels guidance applies to; the rest keep the conditional
             prediction. Default: the deep model's `cfg_channels` (DiT: 3, as its official
             `forward_with_cfg`; U-ViT: all), None = all.
@@ -167,8 +177,9 @@ class DuoSampler:
     """
 
     def __init__(self, shallow, deep, *, schedule=None, solver="ddim", steps=50, switch=0.3,
-                 cfg_scale=None, cfg_channels="auto", cuda_graphs="auto", dtype=None, spacing=None, eta=0.0,
-                 clip_sample=None, progress=False, graph_mode="segment", graph_max_bucket=128):
+                 cfg_scale=None, shallow_cfg_scale=None, cfg_channels="auto", cuda_graphs="auto", dtype=None,
+                 spacing=None, eta=0.0, clip_sample=None, progress=False, graph_mode="segment",
+                 graph_max_bucket=128):
         p_deep = _params_of(deep, "deep")
         p_shallow = _params_of(shallow, "shallow")
         a, b = _model_info(shallow), _model_info(deep)
@@ -209,7 +220,12 @@ class DuoSampler:
             self._init_scheduler(solver, shallow, deep, spacing, eta, clip_sample, cuda_graphs)
         else:
             self._init_solver(solver, spacing, eta, clip_sample)
-        self.cfg_scale = self._check_cfg(cfg_scale, shallow, deep)
+        self.cfg_scale = self._check_cfg(cfg_scale, "cfg_scale", shallow, deep)
+        self.shallow_cfg_scale = (self.cfg_scale if shallow_cfg_scale is None else
+                                  self._check_cfg(shallow_cfg_scale, "shallow_cfg_scale", shallow, deep))
+        # Labels are doubled with the null class once per run when any segment guides (an unguided one
+        # then reads the first half): one label layout for every segment and every captured graph.
+        self.guided = _guides(self.cfg_scale) or _guides(self.shallow_cfg_scale)
         self.cfg_channels = self._check_cfg_channels(cfg_channels, deep)
         self.device = p_deep.device
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -288,22 +304,22 @@ class DuoSampler:
         self.solver, self.solver_name = None, name
         self.k = self.scheduler_plan.k  # solver steps (Heun / KDPM2: two evaluations each) on shallow
 
-    def _check_cfg(self, cfg_scale, shallow, deep):
-        if isinstance(cfg_scale, str) and cfg_scale == "preset":
+    def _check_cfg(self, cfg_scale, name, shallow, deep):
+        if isinstance(cfg_scale, str) and cfg_scale == "preset" and name == "cfg_scale":
             cfg_scale = getattr(deep, "recommended_cfg_scale", None)
             if cfg_scale is None:
                 raise ArgumentError("DuoSampler: cfg_scale='preset' but the deep model's preset recommends no "
                                     "guidance scale; pass a number")
         if cfg_scale is None:
             return None
-        w = check_float(cfg_scale, "cfg_scale", minimum=0.0, where="DuoSampler")
+        w = check_float(cfg_scale, name, minimum=0.0, where="DuoSampler")
         if w == 1.0:
             return w  # guidance with w = 1 is the conditional prediction: no doubled batch needed
         if self.num_classes <= 0:
-            raise ArgumentError(f"DuoSampler: cfg_scale={w:g} needs a class-conditional model (num_classes > 0)")
-        for name, m in (("shallow", shallow), ("deep", deep)):
+            raise ArgumentError(f"DuoSampler: {name}={w:g} needs a class-conditional model (num_classes > 0)")
+        for which, m in (("shallow", shallow), ("deep", deep)):
             if getattr(m, "null_class", None) is None:
-                raise ArgumentError(f"DuoSampler: cfg_scale={w:g} but the {name} model has no null_class "
+                raise ArgumentError(f"DuoSampler: {name}={w:g} but the {which} model has no null_class "
                                     "(it was trained without label dropout, so it has no unconditional branch)")
         return w
 
@@ -381,20 +397,31 @@ class DuoSampler:
             torch.cuda.synchronize(self.device)
 
     # ---- segments ------------------------------------------------------------------------------
-    def denoiser(self, model) -> Denoiser:
-        """The eps function (guidance included) that the segments of `model` run."""
-        return Denoiser(model, self.in_channels, self.dtype, self.cfg_scale, self.cfg_channels)
+    def scale_of(self, segment: str):
+        """The guidance scale of a segment ('shallow' or 'deep'); None = unguided."""
+        if segment not in ("shallow", "deep"):
+            raise ArgumentError(f"DuoSampler: segment must be 'shallow' or 'deep', got {describe(segment)}")
+        return self.shallow_cfg_scale if segment == "shallow" else self.cfg_scale
 
-    def eps(self, model, x, t, y=None) -> torch.Tensor:
+    def denoiser(self, model, segment=None) -> Denoiser:
+        """The eps function (guidance included) that `model` runs in `segment` ('shallow' or 'deep'; by
+        default 'shallow' when `model` is the shallow model and not also the deep one). It takes the labels
+        as `_model_labels` lays them out."""
+        if segment is None:
+            segment = "shallow" if model is self.shallow and model is not self.deep else "deep"
+        return Denoiser(model, self.in_channels, self.dtype, self.scale_of(segment), self.cfg_channels,
+                        doubled_labels=self.guided)
+
+    def eps(self, model, x, t, y=None, segment=None) -> torch.Tensor:
         """One network evaluation exactly as sampling runs it: `model` at network time `t` (a number or a
         0-d tensor, already in the model's time convention) on the float32 state `x`, labels `y`, with
-        this sampler's guidance. Returns float32 eps `[B, C, H, W]`."""
+        the guidance of `segment` (see `denoiser`). Returns float32 eps `[B, C, H, W]`."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(())
-        return self.denoiser(model)(x, t, self._model_labels(y))
+        return self.denoiser(model, segment)(x, t, self._model_labels(y))
 
     def _model_labels(self, y):
-        """Labels as the networks see them: doubled with the null class when guidance is on."""
-        if y is None or self.cfg_scale is None or self.cfg_scale == 1.0:
+        """Labels as the networks see them: doubled with the null class when any segment guides."""
+        if y is None or not self.guided:
             return y
         return torch.cat([y, torch.full_like(y, self.deep.null_class)])
 
@@ -433,7 +460,8 @@ class DuoSampler:
     def _sample_scheduler(self, x, y, generator):
         from .diffusers_loop import make_model_fn, run_scheduler_loop
         fn = make_model_fn(self.shallow, self.deep, schedule=self.schedule, time_convention=self.time_convention,
-                           y=y, cfg_scale=self.cfg_scale, dtype=self.dtype, guide_channels=self.cfg_channels)
+                           y=y, cfg_scale=self.cfg_scale, shallow_cfg_scale=self.shallow_cfg_scale,
+                           dtype=self.dtype, guide_channels=self.cfg_channels)
         trace = SampleTrace(seconds={"shallow": 0.0, "deep": 0.0})
         x = run_scheduler_loop(self.scheduler, self.steps, self.switch, fn, x, generator,
                                plan=self.scheduler_plan, step_kwargs=self._step_kwargs, trace=trace,
@@ -467,7 +495,7 @@ class DuoSampler:
         t_start = time.perf_counter()
         for seg in self.segments:
             t0 = time.perf_counter()
-            x = run_segment(self.denoiser(seg.model), self.solver, state, x, seg.start, seg.stop,
+            x = run_segment(self.denoiser(seg.model, seg.name), self.solver, state, x, seg.start, seg.stop,
                             self._model_times, y_in, step_noise,
                             on_step=None if bar is None else (lambda i: bar.update(1)))
             self._sync()  # segment boundary: the only place the host waits
@@ -494,4 +522,7 @@ class DuoSampler:
 
     def __repr__(self):
         return (f"DuoSampler(solver={self.solver_name}, steps={self.steps}, shallow_steps={self.k}, "
-                f"schedule={self.schedule.name}, cfg_scale={self.cfg_scale}, dtype={self.dtype})")
+                f"schedule={self.schedule.name}, cfg_scale={self.cfg_scale}, "
+                + (f"shallow_cfg_scale={self.shallow_cfg_scale}, "
+                   if self.shallow_cfg_scale != self.cfg_scale else "")
+                + f"dtype={self.dtype})")

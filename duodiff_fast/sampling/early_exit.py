@@ -46,7 +46,7 @@ class EarlyExitSampler(DuoSampler):
         if not isinstance(model, EarlyExitModel):
             raise ArgumentError(f"EarlyExitSampler needs an EarlyExitModel (models.exits), got "
                                 f"{type(model).__name__}")
-        for bad in ("switch", "cuda_graphs"):
+        for bad in ("switch", "cuda_graphs", "shallow_cfg_scale"):
             if bad in kw:
                 raise ArgumentError(f"EarlyExitSampler: {bad} does not apply (exits are decided per step, eagerly)")
         self.mode = check_choice(mode, "mode", ("batch", "per_sample"), where="EarlyExitSampler")

@@ -107,7 +107,7 @@ class _Entry:
         self.bucket, self.mode, self.capture = bucket, mode, capture
         self.x = torch.zeros(bucket, C, H, H, device=dev, dtype=torch.float32)
         self.y = torch.zeros(bucket, device=dev, dtype=torch.long) if s.num_classes > 0 else None
-        self.guided = s.cfg_scale is not None and s.cfg_scale != 1.0
+        self.guided = s.guided  # labels doubled with the null class (some segment guides)
         self.null = (torch.full((bucket,), s.deep.null_class, device=dev, dtype=torch.long)
                      if self.guided else None)
         self.noise_steps = [i for i in range(s.steps) if s.solver.needs_noise(i)]
@@ -169,7 +169,7 @@ class GraphRunner:
         s = self.sampler
         solver = (s.solver_name, getattr(s.solver, "eta", 0.0), getattr(s.solver, "clip_sample", None),
                   getattr(s.solver, "order", 1), tuple(s._timesteps_host))
-        guidance = (s.cfg_scale, s.cfg_channels)
+        guidance = (s.cfg_scale, s.shallow_cfg_scale, s.cfg_channels)
         return (id(s.shallow), id(s.deep), bucket, (s.in_channels, s.img_size, s.img_size), s.dtype, guidance,
                 solver, s.steps, s.k, self.mode, self.capture, str(s.device))
 
@@ -187,7 +187,7 @@ class GraphRunner:
     # steps chain through one static buffer whatever the granularity.
     def _segment_program(self, entry, seg, first: bool):
         s = self.sampler
-        denoise = s.denoiser(seg.model)
+        denoise = s.denoiser(seg.model, seg.name)
         noise = entry.noise_list(s.steps)
 
         def program():
@@ -202,7 +202,7 @@ class GraphRunner:
     def _step_program(self, entry, seg, first: bool):
         """One step of `seg` at the step index held in `entry.step_index` (a device tensor)."""
         s = self.sampler
-        denoise = s.denoiser(seg.model)
+        denoise = s.denoiser(seg.model, seg.name)
         any_noise = bool(entry.noise_steps)
 
         def program():

@@ -46,11 +46,13 @@ class Denoiser:
 
     x is the float32 solver state; the network runs in `dtype`. With guidance, `y` must already be
     the doubled label batch `[labels, null labels]` (built once per run, not per step) and the network
-    sees `[x, x]`. `cfg_channels=None` guides every eps channel.
+    sees `[x, x]`. `cfg_channels=None` guides every eps channel. `doubled_labels=True` says `y` is that
+    doubled batch even when this denoiser does not guide (another segment of the run does): it then reads
+    the first half.
     """
 
     def __init__(self, model: nn.Module, in_channels: int, dtype: torch.dtype, cfg_scale: float | None = None,
-                 cfg_channels: int | None = None):
+                 cfg_channels: int | None = None, doubled_labels: bool | None = None):
         self.model = model
         self.in_channels = int(in_channels)
         self.dtype = dtype
@@ -58,6 +60,9 @@ class Denoiser:
         self.guided = cfg_scale is not None and cfg_scale != 1.0
         c = self.in_channels if cfg_channels is None else min(int(cfg_channels), self.in_channels)
         self.cfg_channels = c
+        self.doubled_labels = self.guided if doubled_labels is None else bool(doubled_labels)
+        if self.guided and not self.doubled_labels:
+            raise ValueError("Denoiser: guidance needs the doubled label batch (doubled_labels=True)")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         B = x.shape[0]
@@ -73,6 +78,8 @@ class Denoiser:
             guided = uncond[:, :g] + self.cfg_scale * (cond[:, :g] - uncond[:, :g])
             return torch.cat([guided, cond[:, g:]], dim=1)
         tt = t.expand(B)
+        if y is not None and self.doubled_labels:
+            y = y[:B]  # the conditional half
         out = self.model(xin, tt, y) if y is not None else self.model(xin, tt)
         return out[:, :C].float()
 
