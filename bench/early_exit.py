@@ -37,7 +37,7 @@ def _floats(text):
 
 
 def run(n=200, steps=25, switches=(0.2, 0.4, 0.6), thresholds=None, variant="adadiff", batch_size=10, seed=0,
-        reference_n=2000, cfg_scale=None, solver="ddim", device=None, progress=True):
+        reference_n=2000, cfg_scale=None, solver="ddim", device=None, progress=True, shallow_cfg_scale=None):
     from tqdm.auto import tqdm
 
     from duodiff_fast.demo import load_demo_pair, score_modes, timed_samples
@@ -63,7 +63,7 @@ def run(n=200, steps=25, switches=(0.2, 0.4, 0.6), thresholds=None, variant="ada
     images, rows = {}, []
     for name, method, knob in tqdm(modes, desc="early-exit comparison", unit="mode", disable=not progress):
         if method == "duodiff":
-            smp = DuoSampler(shallow, deep, switch=knob, **common)
+            smp = DuoSampler(shallow, deep, switch=knob, shallow_cfg_scale=shallow_cfg_scale, **common)
             images[name], sec = timed_samples(smp, noise, labels, batch_size)
             theory = 1.0 / smp.compute_fraction()
             blocks = None
@@ -79,7 +79,8 @@ def run(n=200, steps=25, switches=(0.2, 0.4, 0.6), thresholds=None, variant="ada
                          theoretical_speedup=theory, mean_blocks_per_step=blocks))
     data = getattr(deep, "training_data", None) or "shapes"
     score_modes(images, labels, rows, data=data, reference_n=reference_n, seed=seed, device=device)
-    meta = dict(n=n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+    meta = dict(n=n, steps=steps, solver=solver, cfg_scale=cfg_scale, shallow_cfg_scale=shallow_cfg_scale,
+                seed=seed, batch_size=batch_size,
                 variant=variant, depth=exit_model.num_blocks, device=rows[0]["device"],
                 deep_trained_steps=deep.trained_steps, shallow_trained_steps=shallow.trained_steps,
                 torch=torch.__version__, date=datetime.date.today().isoformat())
@@ -89,7 +90,9 @@ def run(n=200, steps=25, switches=(0.2, 0.4, 0.6), thresholds=None, variant="ada
 def markdown(rows, meta) -> str:
     from duodiff_fast.demo import quality_cells
     lines = [f"Demo pair, {meta['n']} samples (labels 0..9 in turn), {meta['solver'].upper()} {meta['steps']} steps, "
-             f"guidance {meta['cfg_scale'] or 'none'}, batch {meta['batch_size']}, {meta['device']}; early exit: "
+             f"guidance {meta['cfg_scale'] or 'none'}"
+             + (f" (shallow steps {meta['shallow_cfg_scale']:g})" if meta.get("shallow_cfg_scale") is not None else "")
+             + f", batch {meta['batch_size']}, {meta['device']}; early exit: "
              f"{meta['variant']} heads, batch mode.", "",
              "| mode | method | measured speed-up | block-count speed-up | class accuracy [95% CI] | "
              "accuracy - deep (points) [95% CI] | proxy FID [95% CI] | FID - deep [95% CI] | PSNR vs deep (dB) |",
@@ -147,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="adadiff", choices=["adadiff", "duodiff"])
     p.add_argument("--batch-size", type=argtype_int(1), default=10)
     p.add_argument("--cfg", type=argtype_float(0.0), default=None)
+    p.add_argument("--shallow-cfg", type=argtype_float(0.0), default=None,
+                   help="guidance of the DuoDiff rows' shallow steps (default: --cfg)")
     p.add_argument("--solver", default="ddim", choices=["ddim", "ddpm", "dpmsolver++"])
     p.add_argument("--reference-n", type=argtype_int(2), default=2000)
     p.add_argument("--seed", type=argtype_int(0), default=0)
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     _io.check_writable_dir(a.out, "--out")
     rows, images, meta = run(a.n, a.steps, a.switches, a.thresholds, a.variant, a.batch_size, a.seed,
-                             a.reference_n, a.cfg, a.solver, a.device)
+                             a.reference_n, a.cfg, a.solver, a.device, shallow_cfg_scale=a.shallow_cfg)
     tag = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")[:40]
     stem = os.path.join(a.out, f"early_exit_{meta['date']}_{a.variant}_{tag}")
     _io.write_json(stem + ".json", dict(meta=meta, rows=rows))

@@ -18,10 +18,15 @@ def _bench():
 def test_early_exit_bench_writes_paired_differences(tmp_path):
     bench = _bench()
     rc = bench.main(["--n", "10", "--steps", "4", "--switches", "0.5", "--thresholds", "0.7",
-                     "--batch-size", "10", "--reference-n", "64", "--out", str(tmp_path)])
+                     "--batch-size", "10", "--reference-n", "64", "--cfg", "3", "--shallow-cfg", "1",
+                     "--out", str(tmp_path)])
     assert rc == 0
     (js,) = tmp_path.glob("early_exit_*_adadiff_*.json")
-    rows = json.loads(js.read_text())["rows"]
+    saved = json.loads(js.read_text())
+    rows = saved["rows"]
+    assert saved["meta"]["cfg_scale"] == 3.0 and saved["meta"]["shallow_cfg_scale"] == 1.0
+    # DuoDiff 0.5: 2 unguided steps of the 3-block companion, 2 guided steps of the 13-block model
+    assert rows[1]["theoretical_speedup"] == pytest.approx((13 * 2 * 4) / (3 * 2 + 13 * 2 * 2))
     assert [r["mode"] for r in rows] == ["deep-only", "DuoDiff 0.5", "shallow-only", "adadiff exit 0.7"]
     deep = rows[0]
     assert "class_acc_diff_vs_deep" not in deep and "fid_diff_vs_deep" not in deep
@@ -30,5 +35,5 @@ def test_early_exit_bench_writes_paired_differences(tmp_path):
         assert r["class_acc_diff_low"] <= r["class_acc_diff_vs_deep"] <= r["class_acc_diff_high"]
         assert r["fid_diff_low"] <= r["fid_diff_high"]
     md = js.with_suffix(".md").read_text()
-    assert "accuracy - deep (points)" in md and md.count("\n| ") == len(rows) + 1  # header + one line per mode
+    assert "guidance 3.0 (shallow steps 1)" in md and "accuracy - deep (points)" in md and md.count("\n| ") == len(rows) + 1  # header + one line per mode
     assert js.with_suffix(".png").stat().st_size > 0

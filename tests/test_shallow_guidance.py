@@ -199,3 +199,14 @@ def test_pipeline_passes_the_shallow_scale_to_the_sampler():
     assert torch.equal(got, want)
     same = pipe([1, 2], generator=torch.Generator().manual_seed(0), **kw).images
     assert not torch.allclose(same, got)
+
+
+def test_compute_fraction_counts_the_forwards_of_each_segment():
+    shallow, deep = _pair()  # 3 and 13 blocks
+    kw = dict(schedule=SCHED, steps=10, switch=0.4)
+    same = DuoSampler(shallow, deep, cfg_scale=3.0, **kw)
+    assert same.compute_fraction() == pytest.approx((3 * 4 + 13 * 6) / (13 * 10))  # the plain block count
+    off = DuoSampler(shallow, deep, cfg_scale=3.0, shallow_cfg_scale=1.0, **kw)
+    assert off.compute_fraction() == pytest.approx((3 * 4 + 2 * 13 * 6) / (2 * 13 * 10))
+    up = DuoSampler(shallow, deep, cfg_scale=None, shallow_cfg_scale=2.0, **kw)
+    assert up.compute_fraction() == pytest.approx((2 * 3 * 4 + 13 * 6) / (13 * 10))

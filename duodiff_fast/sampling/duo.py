@@ -509,7 +509,9 @@ class DuoSampler:
         return x
 
     def compute_fraction(self) -> float:
-        """Fraction of deep-only compute this sampler spends, counting transformer blocks (DESIGN §2)."""
+        """Fraction of deep-only compute this sampler spends, counting transformer blocks (DESIGN §2), a
+        guided step counting twice (two forwards). Deep-only means the deep model at `cfg_scale`; with one
+        scale for both segments this is the plain block count."""
         ds = getattr(self.shallow, "depth_blocks", None)
         dd = getattr(self.deep, "depth_blocks", None)
         if ds is None or dd is None:
@@ -518,7 +520,8 @@ class DuoSampler:
             n, k = self.scheduler_plan.evaluations, self.scheduler_plan.shallow_evaluations
         else:
             n, k = self.steps, self.k
-        return (ds * k + dd * (n - k)) / (dd * n)
+        ps, pd = (2 if _guides(self.scale_of(name)) else 1 for name in ("shallow", "deep"))
+        return (ds * ps * k + dd * pd * (n - k)) / (dd * pd * n)
 
     def __repr__(self):
         return (f"DuoSampler(solver={self.solver_name}, steps={self.steps}, shallow_steps={self.k}, "
