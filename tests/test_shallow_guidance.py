@@ -210,3 +210,27 @@ def test_compute_fraction_counts_the_forwards_of_each_segment():
     assert off.compute_fraction() == pytest.approx((3 * 4 + 2 * 13 * 6) / (2 * 13 * 10))
     up = DuoSampler(shallow, deep, cfg_scale=None, shallow_cfg_scale=2.0, **kw)
     assert up.compute_fraction() == pytest.approx((2 * 3 * 4 + 13 * 6) / (13 * 10))
+
+
+def test_sweep_tool_runs_end_to_end(tmp_path):
+    """tools/shallow_cfg_sweep.py on a tiny run of the shipped pair: one row per mode, scales recorded, the
+    control rows run the deep model first, speed-ups count the forwards."""
+    import importlib.util
+    import json
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("sweep", os.path.join(root, "tools", "shallow_cfg_sweep.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--n", "6", "--steps", "4", "--scales", "3,1", "--switches", "0.5", "--control",
+                     "--reference-n", "32", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["mode"]: r for r in saved["rows"]}
+    assert list(rows) == ["deep-only", "DuoDiff 0.5, shallow 3", "DuoDiff 0.5, shallow 1",
+                          "deep model, 1 for the first 0.5", "shallow-only 3", "shallow-only 1"]
+    assert rows["DuoDiff 0.5, shallow 1"]["shallow_cfg_scale"] == 1.0
+    assert rows["deep model, 1 for the first 0.5"]["first_model"] == "deep"
+    assert rows["DuoDiff 0.5, shallow 3"]["theoretical_speedup"] == pytest.approx(13 * 4 / (3 * 2 + 13 * 2))
+    assert rows["DuoDiff 0.5, shallow 1"]["theoretical_speedup"] == pytest.approx(13 * 2 * 4 / (3 * 2 + 13 * 2 * 2))
+    assert "class_acc_diff_vs_deep" in rows["shallow-only 1"]
+    assert (tmp_path / "results.md").read_text().count("\n| ") == len(rows) + 1

@@ -154,9 +154,9 @@ class DuoSampler:
             (`model.recommended_cfg_scale`); pass `cfg_scale="preset"` to use it.
         shallow_cfg_scale: guidance for the shallow steps only (same convention); None (default) =
             `cfg_scale`. The deep steps always use `cfg_scale`. 1 runs the shallow steps unguided (one
-            forward per step instead of two). On the demo pair a lower scale on the shallow steps than on
-            the deep ones brought DuoDiff's proxy FID to deep-only's at the same class accuracy (README,
-            'The demo').
+            forward per step instead of two). On the demo pair lower guidance on the noisy steps
+            improved proxy FID and class accuracy, for the deep model alone as much as for DuoDiff (README,
+            'Guidance of the shallow steps').
         cfg_channels: how many leading eps channels guidance applies to; the rest keep the conditional
             prediction. Default: the deep model's `cfg_channels` (DiT: 3, as its official
             `forward_with_cfg`; U-ViT: all), None = all.
