@@ -234,3 +234,26 @@ def test_sweep_tool_runs_end_to_end(tmp_path):
     assert rows["DuoDiff 0.5, shallow 1"]["theoretical_speedup"] == pytest.approx(13 * 2 * 4 / (3 * 2 + 13 * 2 * 2))
     assert "class_acc_diff_vs_deep" in rows["shallow-only 1"]
     assert (tmp_path / "results.md").read_text().count("\n| ") == len(rows) + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["segment", "step"])
+def test_gpu_graphs_replay_a_segment_specific_scale(mode):
+    """Captured graphs hold each segment's own scale: replay equals eager, and the graphs of one scale are
+    not reused for another."""
+    from .test_graphs import _gpu_pair
+    shallow, deep = _gpu_pair()
+    y = torch.tensor([1, 2, 3, 4], device="cuda")
+    kw = dict(schedule=SCHED, solver="ddim", steps=8, switch=0.5, cfg_scale=2.0, graph_mode=mode)
+    outs = {}
+    for ws in (1.0, 3.0):
+        eager = DuoSampler(shallow, deep, cuda_graphs=False, shallow_cfg_scale=ws, **kw)
+        graphed = DuoSampler(shallow, deep, cuda_graphs=True, shallow_cfg_scale=ws, **kw)
+        want = eager.sample(n=4, y=y, generator=torch.Generator("cuda").manual_seed(0))
+        got = graphed.sample(n=4, y=y, generator=torch.Generator("cuda").manual_seed(0))
+        assert graphed.trace.graphs
+        assert (got.float() - want.float()).abs().max().item() <= 5e-2
+        outs[ws] = got  # graphs kept: a key without the shallow scale would replay 1.0's graphs for 3.0
+    graphed.release_graphs()
+    assert (outs[1.0].float() - outs[3.0].float()).abs().max().item() > 1e-3
