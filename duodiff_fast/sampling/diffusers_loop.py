@@ -264,13 +264,14 @@ def make_model_fn(shallow, deep, *, schedule, time_convention=None, y=None, cfg_
     schedule = get_schedule(schedule)
     models = {"shallow": shallow, "deep": deep}
     from .._validate import check_float
+    from .segments import guides
     scales = {"shallow": cfg_scale if shallow_cfg_scale is None else shallow_cfg_scale, "deep": cfg_scale}
     for name, w in scales.items():
         if w is None:
             continue
         arg = "cfg_scale" if name == "deep" or shallow_cfg_scale is None else "shallow_cfg_scale"
         w = scales[name] = check_float(w, arg, minimum=0.0, where="guidance")
-        if w == 1.0:
+        if not guides(w):
             continue
         if y is None:
             raise ValueError(f"{arg}={w:g} needs class labels y (guidance pairs each label with the null "
@@ -286,7 +287,7 @@ def make_model_fn(shallow, deep, *, schedule, time_convention=None, y=None, cfg_
         B = x.shape[0]
         tm = schedule.model_time(torch.as_tensor(t).reshape(1), conv).to(x.device, torch.float32).expand(B)
         xin = x.to(dtype or next(model.parameters()).dtype)
-        if w is None or w == 1.0:
+        if not guides(w):
             out = model(xin, tm, y) if y is not None else model(xin, tm)
             return out.float()
         null = torch.full_like(y, model.null_class)

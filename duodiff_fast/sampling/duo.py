@@ -16,7 +16,7 @@ import torch
 from .._validate import ArgumentError, check_float, check_int, describe
 from ..conventions import label_range as _label_range
 from .schedules import Schedule, get_schedule
-from .segments import Denoiser, draw_step_noise, plan_segments, run_segment
+from .segments import Denoiser, draw_step_noise, guides, plan_segments, run_segment
 from .solvers import get_solver, solver_name
 
 
@@ -117,11 +117,6 @@ def _normalise_schedule_spec(spec):
         return get_schedule(spec)
     except (ValueError, TypeError):
         return None
-
-
-def _guides(w) -> bool:
-    """Whether a guidance scale needs the unconditional branch (None and 1 do not)."""
-    return w is not None and w != 1.0
 
 
 def _same_schedule(a, b) -> bool:
@@ -225,7 +220,7 @@ class DuoSampler:
                                   self._check_cfg(shallow_cfg_scale, "shallow_cfg_scale", shallow, deep))
         # Labels are doubled with the null class once per run when any segment guides (an unguided one
         # then reads the first half): one label layout for every segment and every captured graph.
-        self.guided = _guides(self.cfg_scale) or _guides(self.shallow_cfg_scale)
+        self.guided = guides(self.cfg_scale) or guides(self.shallow_cfg_scale)
         self.cfg_channels = self._check_cfg_channels(cfg_channels, deep)
         self.device = p_deep.device
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -520,7 +515,7 @@ class DuoSampler:
             n, k = self.scheduler_plan.evaluations, self.scheduler_plan.shallow_evaluations
         else:
             n, k = self.steps, self.k
-        ps, pd = (2 if _guides(self.scale_of(name)) else 1 for name in ("shallow", "deep"))
+        ps, pd = (2 if guides(self.scale_of(name)) else 1 for name in ("shallow", "deep"))
         return (ds * ps * k + dd * pd * (n - k)) / (dd * pd * n)
 
     def __repr__(self):

@@ -60,7 +60,7 @@ class EarlyExitSampler(DuoSampler):
         m = self.model
         B = x.shape[0]
         xin = x.to(self.dtype)
-        guided = self.cfg_scale is not None and self.cfg_scale != 1.0
+        guided = self.guided  # one scale here (shallow_cfg_scale is refused): cfg_scale guides
         if guided:
             xin = torch.cat([xin, xin])
         tt = t.expand(xin.shape[0])

@@ -19,7 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-__all__ = ["Segment", "Denoiser", "run_segment", "draw_step_noise", "plan_segments"]
+__all__ = ["Segment", "Denoiser", "run_segment", "draw_step_noise", "plan_segments", "guides"]
+
+
+def guides(cfg_scale) -> bool:
+    """Whether a guidance scale needs the unconditional branch (None and 1 do not)."""
+    return cfg_scale is not None and cfg_scale != 1.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class Denoiser:
         self.in_channels = int(in_channels)
         self.dtype = dtype
         self.cfg_scale = cfg_scale
-        self.guided = cfg_scale is not None and cfg_scale != 1.0
+        self.guided = guides(cfg_scale)
         c = self.in_channels if cfg_channels is None else min(int(cfg_channels), self.in_channels)
         self.cfg_channels = c
         self.doubled_labels = self.guided if doubled_labels is None else bool(doubled_labels)
